@@ -1,0 +1,32 @@
+# The two commands a newcomer needs: `make run` and `make test`. Both install first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.install-stamp
+export WANDB_MODE ?= offline
+
+.PHONY: install run test test-slow bench clean
+
+install: $(STAMP)
+
+# Re-install only when the package metadata changes, so repeated `make test` stays fast.
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(PY) scripts/demo_engine.py
+
+test: install
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: install
+	$(PY) -m pytest -m slow -q
+
+bench: install
+	$(PY) scripts/bench_engine.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,23 @@
+"""lightning-resode: fine-tune very deep timm ResNets with memory-free residual stages."""
+
+from .adjoint import (
+    AdjointError,
+    AdjointSequential,
+    BackwardReport,
+    DoubleBackwardError,
+    ReconstructionError,
+    ShapeChangeError,
+)
+from .measure import saved_activation_bytes
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdjointError",
+    "AdjointSequential",
+    "BackwardReport",
+    "DoubleBackwardError",
+    "ReconstructionError",
+    "ShapeChangeError",
+    "saved_activation_bytes",
+]

@@ -1,0 +1,207 @@
+"""What a recomputed block must see again: BatchNorm batch statistics, random draws, autocast state.
+
+A block is re-evaluated in the backward pass at a *reconstructed* input. For the recomputation to be the
+same function as the forward, everything the forward read implicitly must be replayed:
+
+- BatchNorm in training mode normalises with statistics of its current input. We record the forward's
+  batch statistics per evaluation and replay them, and never touch running statistics again (the
+  forward already updated them once). Interception happens at ``F.batch_norm`` through a
+  ``TorchFunctionMode``, so ``nn.BatchNorm*`` and timm's ``BatchNormAct2d`` are both covered.
+- Dropout / drop-path draw from the global generators; we keep the generator state before each
+  evaluation that consumed randomness and restore it around recomputation.
+- Autocast is thread-local state that the autograd engine does not carry into ``backward``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+EvalKey = Hashable
+
+_BN_ARG_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_DEFAULTS: dict[str, Any] = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
+
+
+def _bind_batch_norm_args(args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = dict(_BN_DEFAULTS)
+    bound.update(zip(_BN_ARG_NAMES, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def _batch_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Statistics in at least float32: bf16 sums over a whole batch lose most of their digits.
+    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return torch.var_mean(wide, dim=_reduce_dims(x), correction=0)
+
+
+class BatchNormReplay(TorchFunctionMode):
+    """Records or replays the batch statistics of every training-mode ``F.batch_norm`` call.
+
+    Modes:
+      ``forward``     normal BatchNorm, nothing kept (forward of exactly recomputed blocks).
+      ``record``      normal BatchNorm (running stats updated once) + keep (mean, var) per call.
+      ``frozen``      normalise with the recorded statistics as constants (reconstruction steps).
+      ``substitute``  values equal the recorded statistics, gradient flows through the batch
+                      statistics of the current input, as training-mode BatchNorm's does (VJP steps).
+      ``exact``       batch statistics of the current input, running statistics untouched
+                      (exact recomputation from a stored input: checkpointing).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[EvalKey, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._mode = "exact"
+        self._key: EvalKey | None = None
+        self._cursor = 0
+
+    @contextlib.contextmanager
+    def evaluation(self, mode: str, key: EvalKey | None = None) -> Iterator[None]:
+        """Route the BatchNorm calls of one block evaluation; ``key`` names the forward evaluation."""
+        previous = (self._mode, self._key, self._cursor)
+        self._mode, self._key, self._cursor = mode, key, 0
+        if mode == "record":
+            self.records[key] = []
+        try:
+            yield
+            if mode in ("frozen", "substitute") and self._cursor != len(self.records.get(key, ())):
+                raise RuntimeError(
+                    f"block evaluation {key!r} called training-mode BatchNorm {self._cursor} times in "
+                    f"recomputation but {len(self.records.get(key, ()))} times in the forward; a block must "
+                    "run the same layers every time it is called"
+                )
+        finally:
+            self._mode, self._key, self._cursor = previous
+
+    def _next_record(self) -> tuple[torch.Tensor, torch.Tensor]:
+        recorded = self.records.get(self._key, [])
+        if self._cursor >= len(recorded):
+            raise RuntimeError(
+                f"block evaluation {self._key!r} called training-mode BatchNorm more often in "
+                f"recomputation than in the forward ({len(recorded)} calls recorded)"
+            )
+        stats = recorded[self._cursor]
+        self._cursor += 1
+        return stats
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch protocol)
+        kwargs = kwargs or {}
+        if func is not F.batch_norm:
+            return func(*args, **kwargs)
+        a = _bind_batch_norm_args(args, kwargs)
+        if not a["training"]:
+            return func(*args, **kwargs)
+        x = a["input"]
+        if self._mode == "forward":
+            return func(*args, **kwargs)
+        if self._mode == "record":
+            out = func(*args, **kwargs)
+            with torch.no_grad():
+                var, mean = _batch_var_mean(x)
+            self.records[self._key].append((mean, var))
+            return out
+        if self._mode == "exact":
+            return func(x, None, None, a["weight"], a["bias"], True, a["momentum"], a["eps"])
+        mean_fwd, var_fwd = self._next_record()
+        if self._mode == "frozen":
+            return func(x, mean_fwd, var_fwd, a["weight"], a["bias"], False, 0.0, a["eps"])
+        return _batch_norm_with_substituted_stats(x, mean_fwd, var_fwd, a["weight"], a["bias"], a["eps"])
+
+
+def _batch_norm_with_substituted_stats(
+    x: torch.Tensor,
+    mean_fwd: torch.Tensor,
+    var_fwd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    """Training-mode BatchNorm whose statistics take the forward's values but the current input's gradient."""
+    var_now, mean_now = _batch_var_mean(x)
+    mean = mean_now + (mean_fwd - mean_now).detach()
+    var = var_now + (var_fwd - var_now).detach()
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    wide = x if x.dtype == mean.dtype else x.to(mean.dtype)
+    y = (wide - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    if weight is not None:
+        y = y * weight.view(shape)
+    if bias is not None:
+        y = y + bias.view(shape)
+    return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def batch_counters_preserved(modules: list[nn.Module]) -> Iterator[None]:
+    """BatchNorm modules bump ``num_batches_tracked`` in Python before ``F.batch_norm``; undo the replays' bumps."""
+    counters = [m.num_batches_tracked for m in modules if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+    saved = [c.clone() for c in counters]
+    try:
+        yield
+    finally:
+        for counter, value in zip(counters, saved):
+            counter.copy_(value)
+
+
+@dataclass
+class RngSnapshot:
+    """Generator state before one block evaluation; only kept for evaluations that drew random numbers."""
+
+    cpu: torch.Tensor
+    device: torch.device | None
+    device_state: torch.Tensor | None
+
+    @staticmethod
+    def capture(device: torch.device) -> "RngSnapshot":
+        device_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return RngSnapshot(torch.get_rng_state(), device if device.type == "cuda" else None, device_state)
+
+    def same_as(self, other: "RngSnapshot") -> bool:
+        if not torch.equal(self.cpu, other.cpu):
+            return False
+        if self.device_state is None or other.device_state is None:
+            return True
+        return torch.equal(self.device_state, other.device_state)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.cpu] + ([self.device_state] if self.device_state is not None else [])
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        devices = [self.device] if self.device is not None else []
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(self.cpu)
+            if self.device_state is not None:
+                torch.cuda.set_rng_state(self.device_state, self.device)
+            yield
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """The forward's autocast setting, to re-enter in ``backward`` (which runs outside it)."""
+
+    device_type: str
+    enabled: bool
+    dtype: torch.dtype
+
+    @staticmethod
+    def capture(device_type: str) -> "AutocastState":
+        return AutocastState(
+            device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+        )
+
+    def replayed(self) -> contextlib.AbstractContextManager:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype, enabled=True)

@@ -1,0 +1,164 @@
+"""``AdjointSequential``: an ``nn.Sequential`` of residual blocks whose backward stores no per-block activations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .errors import ShapeChangeError
+from .function import AdjointStageFunction, BackwardReport, StageRun
+from .schemes import Scheme, get_scheme
+
+Gradient = Literal["adjoint", "checkpoint", "backprop"]
+GRADIENTS: tuple[str, ...] = ("adjoint", "checkpoint", "backprop")
+
+
+class AdjointSequential(nn.Module):
+    """A residual stage trained with the discrete adjoint (Sander, Ablin & Peyré, NeurIPS 2022).
+
+    Children are registered as ``"0"``, ``"1"``, … exactly like ``nn.Sequential``, so state_dict keys do
+    not change when a timm stage is wrapped. The same block object may appear several times (weights tied
+    across depth). The forward is numerically the plain composition (``euler``, ``euler_fast``) or the
+    paper's Heun scheme (``heun``); only the backward differs.
+
+    Args:
+        blocks: residual blocks, each mapping a state to a state of the same shape.
+        scheme: ``"euler"`` (paper; backward = 2 block forwards per block, gradient error O(1/N)),
+            ``"euler_fast"`` (1 block forward per block, O(1/N)), ``"heun"`` (3 per step, O(1/N²)).
+        gradient: ``"adjoint"`` (reconstruct activations backwards), ``"checkpoint"`` (recompute the stage
+            from its stored input: exact, one stage of activations at backward time) or ``"backprop"``
+            (plain autograd: exact, stores everything). The last two are the exact references/fallbacks.
+        refine: Richardson iterations per reconstruction, x ← x - (Phi(x) - x_next); each costs one step
+            forward and shrinks the reconstruction error geometrically when residuals are contractive.
+        anchor_every: keep the exact state every K steps, so reconstruction error cannot accumulate over
+            more than K steps (memory: S/K states).
+        exact_head: how many leading blocks are shape-changing (a timm stage's downsampling block);
+            they are recomputed exactly from the stored stage input instead of reconstructed.
+        keep_input: keep the stage input (without a head) to measure the reconstruction error exactly.
+        check_finite: raise ``ReconstructionError`` on non-finite reconstructions (one sync per backward).
+        preserve_rng_state: replay dropout / drop-path draws in recomputation.
+        name: shown in error messages and diagnostics (the converter sets e.g. ``"layer3"``).
+    """
+
+    def __init__(
+        self,
+        blocks: Iterable[nn.Module],
+        scheme: str = "euler",
+        *,
+        gradient: Gradient = "adjoint",
+        refine: int = 0,
+        anchor_every: int | None = None,
+        exact_head: int = 0,
+        keep_input: bool = False,
+        check_finite: bool = True,
+        preserve_rng_state: bool = True,
+        name: str | None = None,
+    ) -> None:
+        super().__init__()
+        blocks = list(blocks)
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown gradient {gradient!r}; valid: {list(GRADIENTS)}")
+        if refine < 0:
+            raise ValueError(f"refine must be >= 0, got {refine}")
+        if anchor_every is not None and anchor_every < 1:
+            raise ValueError(f"anchor_every must be a positive number of steps or None, got {anchor_every}")
+        if not 0 <= exact_head <= len(blocks):
+            raise ValueError(f"exact_head must be between 0 and {len(blocks)} (the number of blocks), got {exact_head}")
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"block {i} is a {type(block).__name__}, expected an nn.Module")
+            self.add_module(str(i), block)
+        self._blocks = blocks
+        self.scheme = scheme
+        self.scheme_impl: Scheme = get_scheme(scheme)
+        self.gradient: str = gradient
+        self.refine = refine
+        self.anchor_every = anchor_every
+        self.exact_head = exact_head
+        self.keep_input = keep_input
+        self.check_finite = check_finite
+        self.preserve_rng_state = preserve_rng_state
+        self.name = name
+        self.num_steps = self.scheme_impl.num_steps(len(blocks) - exact_head) if len(blocks) > exact_head else 0
+        self.last_backward: BackwardReport | None = None
+
+    # ------------------------------------------------------------------ nn.Sequential look-alike
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._blocks[index]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self._blocks)
+
+    def extra_repr(self) -> str:
+        return (
+            f"scheme={self.scheme!r}, gradient={self.gradient!r}, refine={self.refine}, "
+            f"anchor_every={self.anchor_every}, exact_head={self.exact_head}"
+        )
+
+    @property
+    def display_name(self) -> str:
+        return self.name or f"AdjointSequential({len(self)} blocks)"
+
+    # ------------------------------------------------------------------ structure used by the Function
+    def head_blocks(self) -> list[nn.Module]:
+        return self._blocks[: self.exact_head]
+
+    def residual_block(self, n: int) -> nn.Module:
+        return self._blocks[self.exact_head + n]
+
+    def params_of_step(self, s: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        return self._params_in([self.residual_block(n) for n in self.scheme_impl.blocks_of_step(s)], params)
+
+    def params_of_head(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        return self._params_in(self.head_blocks(), params)
+
+    @staticmethod
+    def _params_in(blocks: list[nn.Module], params: list[nn.Parameter]) -> list[nn.Parameter]:
+        wanted = {id(p) for block in blocks for p in block.parameters()}
+        return [p for p in params if id(p) in wanted]
+
+    def batchnorm_modules(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+
+    def check_shape(self, s: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        if out.shape != x.shape:
+            n = self.exact_head + s
+            raise ShapeChangeError(
+                f"stage {self.display_name}: block {n} ({type(self._blocks[n]).__name__}) maps a state of shape "
+                f"{tuple(x.shape)} to {tuple(out.shape)}; blocks of an adjoint stage must keep the shape. "
+                f"Put shape-changing leading blocks in the exact head (exact_head={n + 1} if it is the first "
+                "ones) or leave this stage unconverted"
+            )
+
+    # ------------------------------------------------------------------ forward
+    def _trainable_params(self) -> list[nn.Parameter]:
+        seen: dict[int, nn.Parameter] = {}
+        for p in self.parameters():
+            if p.requires_grad:
+                seen.setdefault(id(p), p)
+        return list(seen.values())
+
+    def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The stage's function with ordinary autograd (what eval, no_grad and ``gradient='backprop'`` run)."""
+        for block in self.head_blocks():
+            x = block(x)
+        evaluate = lambda n, h, key: self.residual_block(n)(h)  # noqa: E731
+        for s in range(self.num_steps):
+            out, _ = self.scheme_impl.step(s, x, evaluate)
+            self.check_shape(s, x, out)
+            x = out
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gradient == "backprop" or not (self.training and torch.is_grad_enabled()):
+            return self.plain_forward(x)
+        params = self._trainable_params()
+        if not params and not x.requires_grad:
+            return self.plain_forward(x)
+        return AdjointStageFunction.apply(StageRun(self, params), x, *params)
