@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .errors import ShapeChangeError
+from .errors import AdjointError, ShapeChangeError
 from .function import AdjointStageFunction, BackwardReport, StageRun
 from .schemes import Scheme, get_scheme
 
@@ -59,31 +59,52 @@ class AdjointSequential(nn.Module):
     ) -> None:
         super().__init__()
         blocks = list(blocks)
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"block {i} is a {type(block).__name__}, expected an nn.Module")
+            self.add_module(str(i), block)
+        self._blocks = blocks
+        self.keep_input = keep_input
+        self.check_finite = check_finite
+        self.preserve_rng_state = preserve_rng_state
+        self.name = name
+        self.last_backward: BackwardReport | None = None
+        self.configure(scheme=scheme, gradient=gradient, refine=refine, anchor_every=anchor_every, exact_head=exact_head)
+
+    def configure(
+        self,
+        *,
+        scheme: str | None = None,
+        gradient: Gradient | None = None,
+        refine: int | None = None,
+        anchor_every: int | None | Literal["keep"] = "keep",
+        exact_head: int | None = None,
+    ) -> "AdjointSequential":
+        """Change how the stage trains (the auto policy and fidelity callbacks switch stages with this).
+
+        Arguments left out keep their value. Weights and state_dict keys are untouched.
+        """
+        scheme = self.__dict__.get("scheme") if scheme is None else scheme
+        gradient = self.__dict__.get("gradient") if gradient is None else gradient
+        refine = self.__dict__.get("refine") if refine is None else refine
+        anchor_every = self.__dict__.get("anchor_every") if anchor_every == "keep" else anchor_every
+        exact_head = self.__dict__.get("exact_head") if exact_head is None else exact_head
+        scheme_impl = get_scheme(scheme)
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; valid: {list(GRADIENTS)}")
         if refine < 0:
             raise ValueError(f"refine must be >= 0, got {refine}")
         if anchor_every is not None and anchor_every < 1:
             raise ValueError(f"anchor_every must be a positive number of steps or None, got {anchor_every}")
-        if not 0 <= exact_head <= len(blocks):
-            raise ValueError(f"exact_head must be between 0 and {len(blocks)} (the number of blocks), got {exact_head}")
-        for i, block in enumerate(blocks):
-            if not isinstance(block, nn.Module):
-                raise TypeError(f"block {i} is a {type(block).__name__}, expected an nn.Module")
-            self.add_module(str(i), block)
-        self._blocks = blocks
-        self.scheme = scheme
-        self.scheme_impl: Scheme = get_scheme(scheme)
-        self.gradient: str = gradient
-        self.refine = refine
-        self.anchor_every = anchor_every
-        self.exact_head = exact_head
-        self.keep_input = keep_input
-        self.check_finite = check_finite
-        self.preserve_rng_state = preserve_rng_state
-        self.name = name
-        self.num_steps = self.scheme_impl.num_steps(len(blocks) - exact_head) if len(blocks) > exact_head else 0
-        self.last_backward: BackwardReport | None = None
+        if not 0 <= exact_head <= len(self._blocks):
+            raise ValueError(
+                f"exact_head must be between 0 and {len(self._blocks)} (the number of blocks), got {exact_head}"
+            )
+        residual_blocks = len(self._blocks) - exact_head
+        self.num_steps = scheme_impl.num_steps(residual_blocks) if residual_blocks > 0 else 0
+        self.scheme, self.scheme_impl, self.gradient = scheme, scheme_impl, gradient
+        self.refine, self.anchor_every, self.exact_head = refine, anchor_every, exact_head
+        return self
 
     # ------------------------------------------------------------------ nn.Sequential look-alike
     def __len__(self) -> int:
@@ -136,6 +157,18 @@ class AdjointSequential(nn.Module):
                 "ones) or leave this stage unconverted"
             )
 
+    def _reject_sync_batchnorm(self) -> None:
+        # SyncBatchNorm all-gathers statistics; replaying it in backward would issue collectives that the
+        # other ranks do not match (or match in another order). Per-device BatchNorm replays exactly.
+        for name, module in self.named_modules():
+            if isinstance(module, nn.SyncBatchNorm):
+                raise AdjointError(
+                    f"stage {self.display_name}: {name or 'a block'} is a SyncBatchNorm, which cannot be replayed "
+                    "in an adjoint stage (its recomputation would issue unmatched collectives). Use plain "
+                    "BatchNorm (per-device statistics; Lightning: sync_batchnorm=False) or gradient='backprop' "
+                    "for this stage"
+                )
+
     # ------------------------------------------------------------------ forward
     def _trainable_params(self) -> list[nn.Parameter]:
         seen: dict[int, nn.Parameter] = {}
@@ -161,4 +194,5 @@ class AdjointSequential(nn.Module):
         params = self._trainable_params()
         if not params and not x.requires_grad:
             return self.plain_forward(x)
+        self._reject_sync_batchnorm()
         return AdjointStageFunction.apply(StageRun(self, params), x, *params)
