@@ -248,8 +248,6 @@ def _adjoint_backward(run: StageRun, saved: dict, grad_out: torch.Tensor, needs_
                 x_s = scheme.reverse(s, x_next, cache, frozen).to(work_dtype)
                 for _ in range(stage.refine):
                     x_s = x_s - (scheme.step(s, x_s, frozen)[0] - x_next)
-            if stage.check_finite:
-                finite_flags.append(torch.isfinite(x_s).all())
         step_params = stage.params_of_step(s, run.params)
         want_x = s > 0 or need_grad_below
         with torch.enable_grad():
@@ -261,6 +259,11 @@ def _adjoint_backward(run: StageRun, saved: dict, grad_out: torch.Tensor, needs_
         if want_x:
             grad = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
             grads = grads[1:]
+        if stage.check_finite:
+            step_finite = [torch.isfinite(t).all() for t in (x_s, *grads) if t is not None]
+            if want_x:
+                step_finite.append(torch.isfinite(grad).all())
+            finite_flags.append(torch.stack(step_finite).all())
         _accumulate(param_grads, step_params, grads)
         x_next = x_s
     if finite_flags:
@@ -269,7 +272,8 @@ def _adjoint_backward(run: StageRun, saved: dict, grad_out: torch.Tensor, needs_
             first_bad_step = steps - 1 - int((~flags).nonzero()[0])
             raise ReconstructionError(
                 f"stage {stage.display_name}: non-finite values in the reconstruction of block "
-                f"{stage.exact_head + first_bad_step} (scheme {stage.scheme!r}); the gradient was not applied. "
+                f"{stage.exact_head + first_bad_step} or in its gradient (scheme {stage.scheme!r}); no gradient "
+                "was returned, so the weights are untouched. "
                 "Use refine>0, anchor_every, a higher-order scheme, or gradient='checkpoint' for this stage"
             )
     x0_hat = x_next

@@ -75,7 +75,8 @@ class BatchNormReplay(TorchFunctionMode):
         if mode == "record":
             self.records[key] = []
         try:
-            yield
+            with self:
+                yield
             if mode in ("frozen", "substitute") and self._cursor != len(self.records.get(key, ())):
                 raise RuntimeError(
                     f"block evaluation {key!r} called training-mode BatchNorm {self._cursor} times in "

@@ -1,0 +1,91 @@
+"""Loud failures with messages that name the stage, the block and what would be valid."""
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_resode import (
+    AdjointSequential,
+    DoubleBackwardError,
+    ReconstructionError,
+    ShapeChangeError,
+)
+from stacks import smooth_blocks
+
+
+def test_a_block_that_changes_the_shape_is_named():
+    blocks = [*smooth_blocks(3), nn.Linear(8, 5).double()]
+    stage = AdjointSequential(blocks, name="layer3")
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ShapeChangeError, match=r"layer3: block 3 \(Linear\).*\(2, 8\) to \(2, 5\)"):
+        stage(x)
+    with pytest.raises(ShapeChangeError):
+        stage.eval()(x)
+
+
+def test_a_shape_changing_first_block_is_fine_in_the_exact_head():
+    blocks = [nn.Linear(5, 8).double(), *smooth_blocks(6)]
+    x = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    stage = AdjointSequential(blocks, "euler", exact_head=1)
+    stage(x).sum().backward()
+    reference = AdjointSequential(blocks, gradient="backprop", exact_head=1)
+    (exact,) = torch.autograd.grad(reference(x).sum(), x)
+    assert float((x.grad - exact).norm() / exact.norm()) < 0.05
+    assert stage.last_backward.reconstruction_error is not None
+
+
+class _Explosive(nn.Module):
+    """Harmless forward, but its reverse step blows up: g(x) = x^5 explodes away from the forward's states."""
+
+    def forward(self, x):
+        return x + x.pow(5)
+
+
+def test_non_finite_reconstruction_is_named_and_leaves_weights_untouched():
+    blocks = [*smooth_blocks(4), _Explosive(), _Explosive(), *smooth_blocks(2, seed=3)]
+    stage = AdjointSequential(blocks, "euler", name="layer2")
+    x = torch.full((2, 8), 1.2, dtype=torch.float64, requires_grad=True)
+    out = stage(x)
+    with pytest.raises(ReconstructionError, match=r"layer2: non-finite values in the reconstruction of block \d"):
+        out.sum().backward()
+    assert all(p.grad is None for p in stage.parameters())
+
+
+def test_double_backward_is_refused():
+    stage = AdjointSequential(smooth_blocks(4))
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(DoubleBackwardError, match="create_graph"):
+        torch.autograd.grad(stage(x).sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(scheme="rk4"), r"unknown scheme 'rk4'; valid schemes: \['euler', 'euler_fast', 'heun'\]"),
+        (dict(gradient="reversible"), r"unknown gradient 'reversible'"),
+        (dict(refine=-1), r"refine must be >= 0"),
+        (dict(anchor_every=0), r"anchor_every must be a positive"),
+        (dict(exact_head=9), r"exact_head must be between 0 and 4"),
+    ],
+)
+def test_bad_options_fail_early_and_say_what_is_valid(options, message):
+    with pytest.raises(ValueError, match=message):
+        AdjointSequential(smooth_blocks(4), **options)
+
+
+def test_heun_needs_two_blocks():
+    with pytest.raises(ValueError, match="at least 2 residual blocks"):
+        AdjointSequential(smooth_blocks(1), "heun")
+
+
+def test_reconstruction_error_is_reported_when_the_input_is_kept():
+    x = torch.randn(8, 8, dtype=torch.float64, requires_grad=True)
+    errors = {}
+    for refine in (0, 2):
+        stage = AdjointSequential(smooth_blocks(32), "euler", refine=refine, keep_input=True)
+        stage(x).sum().backward()
+        errors[refine] = stage.last_backward.reconstruction_error
+    assert 0 < errors[2] < errors[0] / 10
+    silent = AdjointSequential(smooth_blocks(32), "euler")
+    silent(x).sum().backward()
+    assert silent.last_backward.reconstruction_error is None and silent.last_backward.steps == 32

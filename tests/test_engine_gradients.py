@@ -1,0 +1,104 @@
+"""Gradients of adjoint stages against exact backprop (float64), and the forward's exactness."""
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_resode import AdjointSequential
+from stacks import smooth_blocks
+
+DEPTHS = (8, 16, 32, 64, 128)
+
+
+def _parameter_gradient(blocks, x, scheme, gradient, **options) -> torch.Tensor:
+    stage = AdjointSequential(blocks, scheme, gradient=gradient, **options)
+    stage.zero_grad(set_to_none=True)
+    stage(x).pow(2).sum().backward()
+    return torch.cat([p.grad.flatten() for p in stage.parameters()])
+
+
+def _relative_gradient_error(depth: int, scheme: str, **options) -> float:
+    blocks = smooth_blocks(depth)
+    x = torch.randn(16, 8, dtype=torch.float64)
+    exact = _parameter_gradient(blocks, x, scheme, "backprop")
+    adjoint = _parameter_gradient(blocks, x, scheme, "adjoint", **options)
+    return float((adjoint - exact).norm() / exact.norm())
+
+
+def _fitted_slope(scheme: str) -> float:
+    errors = [_relative_gradient_error(depth, scheme) for depth in DEPTHS]
+    assert all(np.isfinite(errors))
+    return float(np.polyfit(np.log(DEPTHS), np.log(errors), 1)[0])
+
+
+@pytest.mark.parametrize("scheme", ["euler", "euler_fast"])
+def test_euler_gradient_error_shrinks_like_one_over_depth(scheme):
+    assert -1.3 < _fitted_slope(scheme) < -0.7
+
+
+def test_heun_gradient_error_shrinks_at_least_like_depth_to_minus_one_and_a_half():
+    assert _fitted_slope("heun") <= -1.5
+
+
+@pytest.mark.parametrize("scheme", ["euler", "euler_fast", "heun"])
+def test_adjoint_gradient_is_close_to_backprop_on_a_deep_smooth_stack(scheme):
+    assert _relative_gradient_error(128, scheme) < 0.02
+
+
+@pytest.mark.parametrize("scheme", ["euler", "euler_fast", "heun"])
+def test_checkpoint_gradient_equals_backprop(scheme):
+    blocks = smooth_blocks(16)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    exact = _parameter_gradient(blocks, x, scheme, "backprop")
+    torch.testing.assert_close(_parameter_gradient(blocks, x, scheme, "checkpoint"), exact, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("scheme", ["euler", "euler_fast"])
+def test_refinement_and_anchors_buy_accuracy(scheme):
+    plain = _relative_gradient_error(32, scheme)
+    refined_once = _relative_gradient_error(32, scheme, refine=1)
+    refined_thrice = _relative_gradient_error(32, scheme, refine=3)
+    anchored = _relative_gradient_error(32, scheme, anchor_every=4)
+    assert refined_once < plain / 5
+    assert refined_thrice < refined_once / 20
+    assert anchored < plain / 3
+
+
+def test_input_gradient_matches_backprop():
+    blocks = smooth_blocks(64)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    (exact,) = torch.autograd.grad(AdjointSequential(blocks, "heun", gradient="backprop")(x).sum(), x)
+    (adjoint,) = torch.autograd.grad(AdjointSequential(blocks, "heun")(x).sum(), x)
+    assert float((adjoint - exact).norm() / exact.norm()) < 1e-4
+
+
+def test_euler_forward_is_the_plain_composition():
+    blocks = smooth_blocks(24)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    expected = x
+    for block in blocks:
+        expected = block(expected)
+    for scheme in ("euler", "euler_fast"):
+        assert torch.equal(AdjointSequential(blocks, scheme).train()(x), expected)
+
+
+def test_heun_forward_is_the_papers_scheme():
+    blocks = smooth_blocks(12)
+    x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    state = x
+    for n in range(len(blocks) - 1):  # N blocks -> N-1 steps, g_n(x) = b_n(x) - x
+        g_n = blocks[n](state) - state
+        y = state + g_n
+        state = state + 0.5 * (g_n + (blocks[n + 1](y) - y))
+    torch.testing.assert_close(AdjointSequential(blocks, "heun").train()(x), state, rtol=1e-14, atol=1e-14)
+
+
+def test_backward_costs_match_the_documented_block_forward_counts():
+    depth = 10
+    x = torch.randn(2, 8, dtype=torch.float64)
+    expected = {("euler", 0): 2 * depth, ("euler_fast", 0): depth + 1, ("heun", 0): 3 * (depth - 1) + 1,
+                ("euler_fast", 2): depth + 1 + 2 * depth}
+    for (scheme, refine), forwards in expected.items():
+        stage = AdjointSequential(smooth_blocks(depth), scheme, refine=refine)
+        stage(x).sum().backward()
+        assert stage.last_backward.block_forwards == forwards, (scheme, refine)

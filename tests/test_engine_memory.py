@@ -1,0 +1,50 @@
+"""Saved activation bytes, measured as DESIGN.md says: flat in depth for adjoint stages."""
+
+import pytest
+import torch
+
+from lightning_resode import AdjointSequential, saved_activation_bytes
+from stacks import conv_blocks, smooth_blocks
+
+
+def _saved_bytes(stage: AdjointSequential, x: torch.Tensor) -> int:
+    return saved_activation_bytes(stage, lambda: stage(x))
+
+
+@pytest.mark.parametrize("scheme", ["euler", "euler_fast", "heun"])
+def test_adjoint_saved_bytes_do_not_grow_with_depth(scheme):
+    x = torch.randn(32, 64, dtype=torch.float32, requires_grad=True)
+    shallow = _saved_bytes(AdjointSequential(smooth_blocks(16, width=64, dtype=torch.float32), scheme), x)
+    deep = _saved_bytes(AdjointSequential(smooth_blocks(512, width=64, dtype=torch.float32), scheme), x)
+    state_bytes = x.numel() * x.element_size()
+    assert deep == shallow
+    assert shallow <= 2 * state_bytes  # the stage output (the input belongs to the caller)
+    backprop_deep = _saved_bytes(AdjointSequential(smooth_blocks(512, width=64, dtype=torch.float32), scheme,
+                                                   gradient="backprop"), x)
+    assert backprop_deep > 100 * deep
+
+
+def test_batchnorm_stacks_keep_only_statistics_per_block():
+    """With BatchNorm the stage also keeps each evaluation's batch statistics: 2 floats per channel."""
+    channels, x = 4, torch.randn(8, 4, 16, 16, requires_grad=True)
+    shallow = _saved_bytes(AdjointSequential(conv_blocks(16, channels)), x)
+    deep = _saved_bytes(AdjointSequential(conv_blocks(128, channels)), x)
+    statistics_per_block = 2 * 2 * channels * 4  # 2 BatchNorms x (mean, var) x C floats
+    assert deep - shallow == (128 - 16) * statistics_per_block
+    per_block_backprop = _saved_bytes(AdjointSequential(conv_blocks(16, channels), gradient="backprop"), x) / 16
+    assert statistics_per_block < per_block_backprop / 100
+
+
+def test_anchors_cost_one_state_each():
+    x = torch.randn(16, 64, requires_grad=True)
+    blocks = smooth_blocks(64, width=64, dtype=torch.float32)
+    plain = _saved_bytes(AdjointSequential(blocks, "euler"), x)
+    anchored = _saved_bytes(AdjointSequential(blocks, "euler", anchor_every=16), x)
+    assert anchored - plain == 3 * x.numel() * x.element_size()  # anchors at steps 16, 32, 48
+
+
+def test_checkpoint_keeps_only_the_stage_input():
+    x = torch.randn(16, 64, requires_grad=True)
+    x_bytes = x.numel() * x.element_size()
+    saved = _saved_bytes(AdjointSequential(smooth_blocks(64, width=64, dtype=torch.float32), gradient="checkpoint"), x)
+    assert saved == x_bytes
