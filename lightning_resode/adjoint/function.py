@@ -260,10 +260,9 @@ def _adjoint_backward(run: StageRun, saved: dict, grad_out: torch.Tensor, needs_
             grad = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
             grads = grads[1:]
         if stage.check_finite:
-            step_finite = [torch.isfinite(t).all() for t in (x_s, *grads) if t is not None]
-            if want_x:
-                step_finite.append(torch.isfinite(grad).all())
-            finite_flags.append(torch.stack(step_finite).all())
+            # a sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each
+            checked = [t for t in (x_s, grad if want_x else None, *grads) if t is not None]
+            finite_flags.append(torch.isfinite(torch.stack([t.sum().double() for t in checked]).sum()))
         _accumulate(param_grads, step_params, grads)
         x_next = x_s
     if finite_flags:

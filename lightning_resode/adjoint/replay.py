@@ -37,16 +37,6 @@ def _bind_batch_norm_args(args: tuple, kwargs: dict) -> dict[str, Any]:
     return bound
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
-
-
-def _batch_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Statistics in at least float32: bf16 sums over a whole batch lose most of their digits.
-    wide = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    return torch.var_mean(wide, dim=_reduce_dims(x), correction=0)
-
-
 class BatchNormReplay(TorchFunctionMode):
     """Records or replays the batch statistics of every training-mode ``F.batch_norm`` call.
 
@@ -108,9 +98,7 @@ class BatchNormReplay(TorchFunctionMode):
         if self._mode == "forward":
             return func(*args, **kwargs)
         if self._mode == "record":
-            out = func(*args, **kwargs)
-            with torch.no_grad():
-                var, mean = _batch_var_mean(x)
+            out, mean, var = _batch_norm_keeping_statistics(func, a)
             self.records[self._key].append((mean, var))
             return out
         if self._mode == "exact":
@@ -121,6 +109,21 @@ class BatchNormReplay(TorchFunctionMode):
         return _batch_norm_with_substituted_stats(x, mean_fwd, var_fwd, a["weight"], a["bias"], a["eps"])
 
 
+def _batch_norm_keeping_statistics(func, a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward's BatchNorm, unchanged, plus its batch (mean, biased var) at no extra pass on CPU."""
+    x, eps = a["input"], a["eps"]
+    if x.is_cuda:
+        # keep cuDNN's kernel for the output (bitwise the plain forward); one fused reduction for the stats
+        out = func(x, a["running_mean"], a["running_var"], a["weight"], a["bias"], True, a["momentum"], eps)
+        with torch.no_grad():
+            mean, invstd = torch.batch_norm_stats(x, eps)
+    else:  # what F.batch_norm runs on CPU, with its saved statistics returned
+        out, mean, invstd = torch.native_batch_norm(
+            x, a["weight"], a["bias"], a["running_mean"], a["running_var"], True, a["momentum"], eps
+        )
+    return out, mean, invstd.pow(-2) - eps
+
+
 def _batch_norm_with_substituted_stats(
     x: torch.Tensor,
     mean_fwd: torch.Tensor,
@@ -129,18 +132,25 @@ def _batch_norm_with_substituted_stats(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Training-mode BatchNorm whose statistics take the forward's values but the current input's gradient."""
-    var_now, mean_now = _batch_var_mean(x)
-    mean = mean_now + (mean_fwd - mean_now).detach()
-    var = var_now + (var_fwd - var_now).detach()
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    wide = x if x.dtype == mean.dtype else x.to(mean.dtype)
-    y = (wide - mean.view(shape)) * torch.rsqrt(var.view(shape) + eps)
+    """Training-mode BatchNorm at x, re-centred so its values are those of the forward's statistics.
+
+    Fused training-mode normalisation gives n_b = (x - μ_b)·s_b with x's own statistics. The forward's
+    normalisation is the per-channel affine map n_f = (s_f/s_b)·n_b + (μ_b - μ_f)·s_f of it, applied with
+    constant coefficients, so the values equal the forward's and the gradient is training-mode BatchNorm's
+    (both exactly so when the reconstruction is exact, where the coefficients are 1 and 0).
+    """
+    normalised, mean_now, invstd_now = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
+    with torch.no_grad():
+        invstd_fwd = torch.rsqrt(var_fwd + eps)
+        ratio = invstd_fwd / invstd_now
+        offset = (mean_now - mean_fwd) * invstd_fwd
+    scale, shift = ratio, offset
     if weight is not None:
-        y = y * weight.view(shape)
+        scale, shift = weight * ratio, weight * offset
     if bias is not None:
-        y = y + bias.view(shape)
-    return y.to(x.dtype)
+        shift = shift + bias
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (normalised * scale.view(shape) + shift.view(shape)).to(x.dtype)
 
 
 @contextlib.contextmanager
