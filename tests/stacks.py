@@ -2,39 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-
-class SmoothBlock(nn.Module):
-    """b_n(x) = x + (1/N) tanh(W_n x + c_n): the Euler step of an ODE when W_n varies smoothly with n."""
-
-    def __init__(self, width: int, depth: int) -> None:
-        super().__init__()
-        self.linear = nn.Linear(width, width)
-        self.depth = depth
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + torch.tanh(self.linear(x)) / self.depth
+from lightning_resode.ode_models import ode_blocks
 
 
 def smooth_blocks(depth: int, width: int = 8, seed: int = 0, dtype: torch.dtype = torch.float64) -> list[nn.Module]:
-    """Weights W(t) = A cos(2t) + B sin(2t), sampled at t = n/N: the residual functions are smooth in depth."""
-    gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(width, width, generator=gen, dtype=dtype) * 1.5 / math.sqrt(width)
-    b = torch.randn(width, width, generator=gen, dtype=dtype) * 1.5 / math.sqrt(width)
-    c = torch.randn(width, generator=gen, dtype=dtype) * 0.3
-    blocks = []
-    for n in range(depth):
-        t = n / depth
-        block = SmoothBlock(width, depth).to(dtype)
-        with torch.no_grad():
-            block.linear.weight.copy_(a * math.cos(2 * t) + b * math.sin(2 * t))
-            block.linear.bias.copy_(c * math.cos(t))
-        blocks.append(block)
-    return blocks
+    """ODE-style blocks whose weights W(t) = A cos(2t) + B sin(2t) are smooth in depth (t = n/N)."""
+    return ode_blocks(depth, width, "smooth", seed=seed, dtype=dtype)
 
 
 class ConvBlock(nn.Module):

@@ -7,7 +7,8 @@ from torch import nn
 
 from lightning_resode import AdjointSequential
 from lightning_resode.adjoint.function import AdjointStageFunction
-from stacks import SmoothBlock, smooth_blocks
+from lightning_resode.ode_models import OdeResidualBlock
+from stacks import smooth_blocks
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -15,7 +16,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def test_weights_tied_across_depth_accumulate_like_backprop():
-    shared = SmoothBlock(8, 32).double()
+    shared = OdeResidualBlock(8, step_size=1 / 32).double()
     blocks = [shared] * 32  # the paper's tied-weights network: one block object, 32 times
     x = torch.randn(8, 8, dtype=torch.float64)
     for scheme in ("euler", "heun"):
