@@ -8,6 +8,8 @@ from .adjoint import (
     ReconstructionError,
     ShapeChangeError,
 )
+from .convert import adjoint_stages, from_adjoint, to_adjoint
+from .diagnose import diagnose
 from .measure import saved_activation_bytes
 
 __version__ = "0.1.0"
@@ -19,5 +21,9 @@ __all__ = [
     "DoubleBackwardError",
     "ReconstructionError",
     "ShapeChangeError",
+    "adjoint_stages",
+    "diagnose",
+    "from_adjoint",
+    "to_adjoint",
     "saved_activation_bytes",
 ]

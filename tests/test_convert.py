@@ -1,0 +1,167 @@
+"""to_adjoint / from_adjoint on real timm models: same keys, same function, same BatchNorm, O(#stages) memory."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from lightning_resode import AdjointSequential, adjoint_stages, from_adjoint, saved_activation_bytes, to_adjoint
+from lightning_resode.convert import supported_stage_names
+
+# Narrow models keep the suite fast; the structure (stem, stages, downsampling heads) is timm's own.
+NARROW = dict(channels=(16, 32, 64, 128), stem_width=16)
+
+
+def _model(name: str, **kwargs) -> nn.Module:
+    return timm.create_model(name, pretrained=False, num_classes=5, **kwargs)
+
+
+def _perturb_residuals(model: nn.Module, last_bn_scale: float = 0.25) -> None:
+    """Random-init timm ResNets zero each block's last BN (identity blocks): give the branches a real size."""
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                zero_init = bool((m.weight == 0).all())
+                scale = last_bn_scale if zero_init else 1.0
+                m.weight.copy_(scale * (0.8 + 0.4 * torch.rand(m.weight.shape, generator=gen)))
+                m.bias.copy_(0.05 * scale * torch.randn(m.bias.shape, generator=gen))
+
+
+def _flat_grads(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "stage_names"),
+    [
+        ("resnet18", NARROW, ["layer1", "layer2", "layer3", "layer4"]),
+        ("resnet26d", {}, ["layer1", "layer2", "layer3", "layer4"]),
+        ("seresnext26d_32x4d", {}, ["layer1", "layer2", "layer3", "layer4"]),
+        ("resnetv2_18", {}, ["stages.0", "stages.1", "stages.2", "stages.3"]),
+    ],
+)
+def test_keys_roundtrip_and_plain_checkpoints(name: str, kwargs: dict, stage_names: list[str]) -> None:
+    model = _model(name, **kwargs)
+    plain_state = copy.deepcopy(model.state_dict())
+    assert supported_stage_names(model) == stage_names
+    to_adjoint(model)
+    assert list(model.state_dict()) == list(plain_state)
+    assert set(adjoint_stages(model)) == set(stage_names)
+    other = _model(name, **kwargs)
+    model.load_state_dict(other.state_dict())  # a plain timm checkpoint loads into the converted model
+    back = _model(name, **kwargs)
+    back.load_state_dict(model.state_dict())  # and back
+    for key, value in back.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key]), key
+    from_adjoint(model)
+    assert type(model) is type(back)
+    assert not any(isinstance(m, AdjointSequential) for m in model.modules())
+    assert list(model.state_dict()) == list(plain_state)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnetv2_18"])
+def test_same_function_same_batchnorm_exact_gradient(name: str) -> None:
+    kwargs = NARROW if name == "resnet18" else {}
+    plain = _model(name, **kwargs)
+    _perturb_residuals(plain)
+    converted = to_adjoint(copy.deepcopy(plain), scheme="checkpoint")
+    x = torch.randn(4, 3, 32, 32)
+    plain.eval(), converted.eval()
+    torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)
+    plain.train(), converted.train()
+    out_plain, out_conv = plain(x), converted(x)
+    torch.testing.assert_close(out_conv, out_plain, rtol=0, atol=0)
+    out_plain.square().sum().backward()
+    out_conv.square().sum().backward()
+    for (key, a), b in zip(plain.state_dict().items(), converted.state_dict().values()):
+        assert torch.equal(a, b), f"buffer/param {key} differs after one training step"  # BN updated once
+    torch.testing.assert_close(_flat_grads(converted), _flat_grads(plain), rtol=1e-4, atol=1e-6)
+
+
+def test_default_scheme_is_memory_free_and_close_for_small_residuals() -> None:
+    plain = _model("resnet18", **NARROW)
+    _perturb_residuals(plain, last_bn_scale=0.02)
+    converted = to_adjoint(copy.deepcopy(plain))
+    assert {s.scheme for s in adjoint_stages(converted).values()} == {"euler_fast"}
+    x = torch.randn(4, 3, 32, 32)
+    plain(x).square().sum().backward()
+    converted(x).square().sum().backward()
+    g, e = _flat_grads(converted), _flat_grads(plain)
+    assert float(torch.nn.functional.cosine_similarity(g, e, dim=0)) > 0.99
+    for stage in adjoint_stages(converted).values():
+        assert stage.last_backward is not None and stage.last_backward.gradient == "adjoint"
+
+
+def test_saved_activations_grow_with_stages_not_depth() -> None:
+    def mib_per_image(name: str, size: int, batch: int = 1, **options) -> float:
+        model = _model(name)
+        to_adjoint(model, **options)
+        x = torch.randn(batch, 3, size, size)
+        return saved_activation_bytes(model, lambda: model(x)) / batch / 2**20
+
+    # 16 -> 33 blocks, same stage boundaries; only the per-channel BatchNorm statistics grow with depth
+    shallow, deep = mib_per_image("resnet50", 64, batch=4), mib_per_image("resnet101", 64, batch=4)
+    assert deep == pytest.approx(shallow, rel=0.10)
+    backprop = mib_per_image("resnet50", 64, scheme="backprop")
+    assert backprop > 6 * shallow
+    assert mib_per_image("resnet50", 224) <= 12.0  # the DESIGN.md figure for defaults at 224x224
+
+
+def test_forward_features_head_and_reset_classifier() -> None:
+    plain = _model("resnet18", **NARROW).eval()
+    converted = to_adjoint(copy.deepcopy(plain)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(converted.forward_features(x), plain.forward_features(x), rtol=0, atol=0)
+    features = converted.forward_features(x)
+    torch.testing.assert_close(converted.forward_head(features, pre_logits=True), plain.forward_head(features, pre_logits=True))
+    converted.reset_classifier(7)
+    assert converted(x).shape == (2, 7)
+    converted.set_grad_checkpointing(False)
+    with pytest.raises(RuntimeError, match="scheme='checkpoint'"):
+        converted.set_grad_checkpointing(True)
+
+
+def test_timm_checkpointing_is_switched_off_on_conversion() -> None:
+    model = _model("resnet18", **NARROW)
+    model.set_grad_checkpointing(True)
+    with pytest.warns(UserWarning, match="grad checkpointing"):
+        to_adjoint(model)
+    assert model.grad_checkpointing is False
+
+
+def test_selected_stages_and_reconfiguration() -> None:
+    model = to_adjoint(_model("resnet18", **NARROW), stages=["layer3"], scheme="euler")
+    assert list(adjoint_stages(model)) == ["layer3"]
+    assert isinstance(model.layer2, nn.Sequential) and not isinstance(model.layer2, AdjointSequential)
+    to_adjoint(model, stages=["layer3", "layer4"], scheme="checkpoint")  # already converted: reconfigured
+    assert model.layer3.gradient == "checkpoint" and model.layer4.gradient == "checkpoint"
+    assert model.layer3.exact_head == 1  # the downsampling first block is recomputed exactly
+
+
+def test_pickle_and_deepcopy_keep_conversion() -> None:
+    model = to_adjoint(_model("resnet18", **NARROW)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(clone) is type(model)
+        torch.testing.assert_close(clone(x), model(x), rtol=0, atol=0)
+        assert set(adjoint_stages(clone)) == set(adjoint_stages(model))
+
+
+def test_bad_input_errors_name_what_is_valid() -> None:
+    with pytest.raises(TypeError, match="Supported families: timm ResNet v1"):
+        to_adjoint(nn.Sequential(nn.Linear(2, 2)))
+    model = _model("resnet18", **NARROW)
+    with pytest.raises(ValueError, match=r"valid stage names: \['layer1', 'layer2', 'layer3', 'layer4'\]"):
+        to_adjoint(model, stages=["layer5"])
+    with pytest.raises(ValueError, match="valid:.*'euler_fast'"):
+        to_adjoint(model, scheme="rk4")
+    with pytest.raises(ValueError, match="calibration"):
+        to_adjoint(model, scheme="auto")
+    with pytest.raises(ValueError, match="stage 'layer2'.*heun"), pytest.warns(UserWarning, match="changes the network"):
+        to_adjoint(model, stages=["layer2"], scheme="heun")  # one residual block after the downsampling head
