@@ -17,7 +17,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 run: install
-	$(PY) scripts/demo_engine.py
+	$(VENV)/bin/lightning-resode fit --config recipes/quickstart.yaml
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

@@ -1,0 +1,5 @@
+"""``python -m lightning_resode …`` is the ``lightning-resode`` console script."""
+
+from .cli import main
+
+main()

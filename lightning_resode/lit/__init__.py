@@ -1,0 +1,33 @@
+"""Lightning side of lightning-resode: the classifier module, DataModules, callbacks and loggers."""
+
+from .callbacks import FitSummary, GradientFidelity, InterruptCheckpoint, MemoryMonitor, ReconstructionMonitor
+from .data import (
+    CIFAR10DataModule,
+    CIFAR100DataModule,
+    DigitsDataModule,
+    ImageFolderDataModule,
+    ImageReadError,
+    SyntheticDataModule,
+)
+from .loggers import build_loggers
+from .module import ResodeClassifier, export_timm_weights, load_weights_file
+from .ode_resnet import OdeResNet
+
+__all__ = [
+    "CIFAR100DataModule",
+    "CIFAR10DataModule",
+    "DigitsDataModule",
+    "FitSummary",
+    "GradientFidelity",
+    "ImageFolderDataModule",
+    "ImageReadError",
+    "InterruptCheckpoint",
+    "MemoryMonitor",
+    "OdeResNet",
+    "ReconstructionMonitor",
+    "ResodeClassifier",
+    "SyntheticDataModule",
+    "build_loggers",
+    "export_timm_weights",
+    "load_weights_file",
+]

@@ -1,0 +1,313 @@
+"""DataModules: digits (offline default), image folders, CIFAR-10/100 and synthetic throughput data.
+
+Each exposes ``num_classes`` (the CLI links it to the model) and yields ``(images, targets)`` batches of
+RGB images, so any recipe can swap its data without touching the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageReadError(RuntimeError):
+    """An image file is missing or cannot be decoded; the message names the file."""
+
+
+class _EpochSeededSampler(Sampler[int]):
+    """A shuffle whose order depends only on (seed, epoch), so a resumed run sees the same batches.
+
+    A plain ``shuffle=True`` draws from the global RNG, whose state a checkpoint does not restore. Lightning
+    calls ``set_epoch`` on samplers that have it (and swaps in ``DistributedSampler`` under DDP).
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class _LoaderMixin:
+    """Shared batch/worker settings and the three loaders."""
+
+    batch_size: int
+    num_workers: int
+    train_set: Dataset
+    val_set: Dataset
+
+    def _check_loader_args(self, batch_size: int, num_workers: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        size = len(dataset)  # type: ignore[arg-type]
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=_EpochSeededSampler(size, seed=torch.initial_seed() % 2**31) if shuffle else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and size > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+
+class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
+    """scikit-learn's bundled 8×8 digits (1797 images, shipped with the package: fully offline), upscaled to RGB.
+
+    Args:
+        image_size: side of the upscaled square image.
+        val_fraction: held-out share, split with ``split_seed`` (the same split for every run).
+        batch_size, num_workers: DataLoader settings.
+    """
+
+    num_classes = 10
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        val_fraction: float = 0.2,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self._check_loader_args(batch_size, num_workers)
+        if image_size < 8:
+            raise ValueError(f"image_size must be >= 8 (the digits are 8x8), got {image_size}")
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        self.image_size, self.val_fraction, self.split_seed = image_size, val_fraction, split_seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def setup(self, stage: str | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        images = ((images - 0.5) / 0.5).expand(-1, 3, -1, -1).contiguous()
+        targets = torch.tensor(digits.target, dtype=torch.long)
+        order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(self.split_seed))
+        n_val = int(round(len(targets) * self.val_fraction))
+        val_idx, train_idx = order[:n_val], order[n_val:]
+        self.train_set = TensorDataset(images[train_idx], targets[train_idx])
+        self.val_set = TensorDataset(images[val_idx], targets[val_idx])
+
+
+class SyntheticDataModule(_LoaderMixin, pl.LightningDataModule):
+    """Random images and labels from a fixed seed: throughput and memory runs without any data on disk."""
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        image_size: int = 224,
+        train_samples: int = 256,
+        val_samples: int = 64,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self._check_loader_args(batch_size, num_workers)
+        if num_classes < 1 or image_size < 1 or train_samples < 1 or val_samples < 1:
+            raise ValueError(
+                "num_classes, image_size, train_samples and val_samples must be >= 1, got "
+                f"{num_classes}, {image_size}, {train_samples}, {val_samples}"
+            )
+        self.num_classes, self.image_size = num_classes, image_size
+        self.train_samples, self.val_samples, self.seed = train_samples, val_samples, seed
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _random_set(self, count: int, seed: int) -> TensorDataset:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randn(count, 3, self.image_size, self.image_size, generator=generator)
+        targets = torch.randint(0, self.num_classes, (count,), generator=generator)
+        return TensorDataset(images, targets)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._random_set(self.train_samples, self.seed)
+        self.val_set = self._random_set(self.val_samples, self.seed + 1)
+
+
+def _read_rgb(path: str) -> Image.Image:
+    """PIL loader whose errors name the file (torchvision's name only the decoder's complaint)."""
+    try:
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            return image.convert("RGB")
+    except FileNotFoundError as err:
+        raise ImageReadError(f"image file {path!r} is missing (was it deleted after the folder was scanned?)") from err
+    except OSError as err:  # PIL.UnidentifiedImageError and truncated files are OSErrors
+        raise ImageReadError(f"cannot read image file {path!r}: {err}") from err
+
+
+class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
+    """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` with timm's ``create_transform`` pipelines.
+
+    Args:
+        root: folder holding ``train_dir`` and ``val_dir``.
+        image_size: training crop / eval resize target.
+        auto_augment: timm auto-augment policy (``rand-m9-mstd0.5``…) or ``None``.
+        re_prob: random erasing probability.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        image_size: int = 224,
+        train_dir: str = "train",
+        val_dir: str = "val",
+        batch_size: int = 64,
+        num_workers: int = 4,
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        crop_pct: float | None = None,
+    ) -> None:
+        super().__init__()
+        self._check_loader_args(batch_size, num_workers)
+        self.root = Path(root)
+        self.image_size, self.train_dir, self.val_dir = image_size, train_dir, val_dir
+        self.auto_augment, self.re_prob, self.crop_pct = auto_augment, re_prob, crop_pct
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_classes = len(self._classes(self.root / train_dir))
+
+    @staticmethod
+    def _classes(folder: Path) -> list[str]:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"image folder {str(folder)!r} does not exist (expected <root>/<split>/<class>/*)")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise ValueError(f"image folder {str(folder)!r} has no class sub-folders")
+        return classes
+
+    def _dataset(self, split: str, training: bool) -> Dataset:
+        from timm.data import create_transform
+        from torchvision.datasets import ImageFolder
+
+        transform = create_transform(
+            self.image_size,
+            is_training=training,
+            auto_augment=self.auto_augment if training else None,
+            re_prob=self.re_prob if training else 0.0,
+            crop_pct=self.crop_pct,
+        )
+        folder = self.root / split
+        train_classes = self._classes(self.root / self.train_dir)
+        if self._classes(folder) != train_classes:
+            raise ValueError(f"classes of {str(folder)!r} differ from the training classes {train_classes}")
+        return ImageFolder(str(folder), transform=transform, loader=_read_rgb)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._dataset(self.train_dir, training=True)
+        self.val_set = self._dataset(self.val_dir, training=False)
+
+
+class _CifarDataModule(_LoaderMixin, pl.LightningDataModule):
+    """torchvision CIFAR, downloaded into ``root`` when online; offline without the files is a clear error."""
+
+    _dataset_name = ""
+    num_classes = 0
+
+    def __init__(
+        self,
+        root: str = "data",
+        image_size: int = 32,
+        batch_size: int = 128,
+        num_workers: int = 4,
+        download: bool = True,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self._check_loader_args(batch_size, num_workers)
+        self.root, self.image_size, self.download, self.augment = root, image_size, download, augment
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def _cls(self) -> Any:
+        import torchvision.datasets
+
+        return getattr(torchvision.datasets, self._dataset_name)
+
+    def _open(self, train: bool, transform: Any = None) -> Dataset:
+        cls = self._cls()
+        try:
+            return cls(self.root, train=train, transform=transform, download=False)
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{self._dataset_name} is not under root={self.root!r} ({err}). Run once with network access and "
+                "download=true, or copy the extracted dataset there"
+            ) from err
+
+    def prepare_data(self) -> None:
+        cls = self._cls()
+        if self.download:
+            try:
+                cls(self.root, train=True, download=True)
+                cls(self.root, train=False, download=True)
+            except OSError as err:  # URLError, connection refused, DNS failures
+                raise ConnectionError(
+                    f"could not download {self._dataset_name} into {self.root!r} (offline? {err}). Copy the extracted "
+                    "dataset there, or run once with network access"
+                ) from err
+        else:
+            self._open(train=True)
+
+    def _transform(self, training: bool) -> Any:
+        from torchvision import transforms as T
+
+        steps: list[Any] = []
+        if self.image_size != 32:
+            steps.append(T.Resize(self.image_size))
+        if training and self.augment:
+            steps += [T.RandomCrop(self.image_size, padding=self.image_size // 8), T.RandomHorizontalFlip()]
+        steps += [T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
+        return T.Compose(steps)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.train_set = self._open(train=True, transform=self._transform(training=True))
+        self.val_set = self._open(train=False, transform=self._transform(training=False))
+
+
+class CIFAR10DataModule(_CifarDataModule):
+    """CIFAR-10 (10 classes, 32×32; ``image_size`` resizes for ImageNet-pretrained backbones)."""
+
+    _dataset_name = "CIFAR10"
+    num_classes = 10
+
+
+class CIFAR100DataModule(_CifarDataModule):
+    """CIFAR-100 (100 classes, 32×32)."""
+
+    _dataset_name = "CIFAR100"
+    num_classes = 100

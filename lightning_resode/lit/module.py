@@ -1,0 +1,313 @@
+"""The LightningModule: a timm classifier whose residual stages train with the discrete adjoint.
+
+Every hyperparameter is a typed constructor argument, so a recipe YAML (and ``--print_config``) is the
+complete description of a run. The wrapped network stays a timm model with timm's state_dict keys
+(``self.model``), so fine-tuned weights load back into ``timm.create_model`` (see ``export_timm_weights``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import timm
+import timm.optim
+import timm.scheduler
+import timm.utils
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..adjoint import AdjointSequential
+from ..convert import SCHEME_CHOICES, adjoint_stages, supported_stage_names, to_adjoint
+from . import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
+
+SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
+Scheme = Literal["euler", "euler_fast", "heun", "checkpoint", "backprop", "auto"]
+Gradient = Literal["adjoint", "checkpoint", "backprop"]
+_MODEL_PREFIX = "model."
+
+
+def _check_model_name(model_name: str) -> None:
+    if timm.is_model(model_name):
+        return
+    close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {close}?" if close else "; see timm.list_models('resnet*')"
+    raise ValueError(f"unknown timm model name {model_name!r}{hint}")
+
+
+class ResodeClassifier(pl.LightningModule):
+    """Image classification with a timm model whose residual stages are memory-free adjoint stages.
+
+    Args:
+        model_name: any timm model name (ResNet v1 / ResNetV2 families get adjoint stages; ``ode_resnet`` is
+            the paper's deep ODE-style ResNet, registered by this package).
+        pretrained: load timm's pretrained weights (downloads from the hub unless cached or ``weights_file``).
+        num_classes: classifier outputs (linked from the DataModule by the CLI).
+        weights_file: a local ``.safetensors``/``.pth``/``.ckpt`` to initialise from (timm keys, or a Lightning
+            checkpoint of this module); the classifier head is skipped when its shape differs. The two-phase
+            route loads the tied phase's checkpoint into the untied model this way.
+        model_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, ODE ResNet ``depth``…).
+        stages: stage names to convert (``["layer3", "layer4"]``); ``None`` converts all, ``[]`` none.
+        scheme: ``euler_fast`` (default), ``euler`` (paper), ``heun``, ``checkpoint``/``backprop`` (exact
+            references), or ``auto`` (per stage, the cheapest scheme reaching ``min_cosine`` on a real batch).
+        gradient, refine, anchor_every: engine options for every converted stage.
+        min_cosine: the gradient fidelity ``auto`` must reach.
+        freeze: module names to freeze (``["conv1", "bn1", "layer1"]``): no gradients, BatchNorm frozen.
+        label_smoothing: cross-entropy label smoothing (also used for mixup targets).
+        mixup_alpha, cutmix_alpha: timm ``Mixup``; both 0 disables it.
+        optimizer: any ``timm.optim.create_optimizer_v2`` name (``sgd``, ``adamw``, ``lamb``…; torch's included).
+        lr, weight_decay, momentum: optimizer settings.
+        scheduler: a ``timm.scheduler`` name stepped every optimizer update, or ``none``.
+        warmup_epochs: linear warm-up from ``warmup_lr`` (fractional epochs allowed).
+        min_lr, warmup_lr: schedule bounds.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet18",
+        pretrained: bool = False,
+        num_classes: int = 10,
+        weights_file: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+        stages: list[str] | None = None,
+        scheme: Scheme = "euler_fast",
+        gradient: Gradient = "adjoint",
+        refine: int = 0,
+        anchor_every: int | None = None,
+        min_cosine: float = 0.99,
+        freeze: list[str] | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        optimizer: str = "adamw",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr: float = 0.0,
+        warmup_lr: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check_model_name(model_name)
+        if scheme not in SCHEME_CHOICES:
+            raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mixup_alpha < 0 or cutmix_alpha < 0:
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
+        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        if weights_file is not None:
+            load_weights_file(self.model, weights_file)
+        self._check_stage_names(stages)
+        if scheme != "auto":
+            self._convert(calibration=None)
+        self._check_freeze_names(freeze or [])
+        self.mixup = (
+            Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, num_classes=num_classes)
+            if mixup_alpha > 0 or cutmix_alpha > 0
+            else None
+        )
+        top_k = min(5, num_classes)
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
+        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k)
+        self.test_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
+        self.test_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k)
+        self._frozen = False
+
+    # ------------------------------------------------------------------ model surgery
+    def _has_native_stages(self) -> bool:
+        """Models built from ``AdjointSequential`` already (the ODE ResNet) are configured, not converted."""
+        return any(isinstance(m, AdjointSequential) for m in self.model.modules())
+
+    def _check_stage_names(self, stages: list[str] | None) -> None:
+        if stages is None or not stages:
+            return
+        valid = list(adjoint_stages(self.model)) if self._has_native_stages() else supported_stage_names(self.model)
+        unknown = [s for s in stages if s not in valid]
+        if unknown:
+            raise ValueError(f"unknown stage name(s) {unknown} for {self.hparams.model_name}; valid: {valid}")
+
+    def _check_freeze_names(self, names: list[str]) -> None:
+        modules = dict(self.model.named_modules())
+        unknown = [n for n in names if n not in modules or not n]
+        if unknown:
+            top_level = [n for n, _ in self.model.named_children()]
+            raise ValueError(f"cannot freeze unknown module(s) {unknown} of {self.hparams.model_name}; e.g. {top_level}")
+
+    def _convert(self, calibration: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        hp = self.hparams
+        if hp.stages is not None and not hp.stages:
+            return
+        if self._has_native_stages():
+            scheme, gradient = {"checkpoint": ("euler", "checkpoint"), "backprop": ("euler", "backprop")}.get(
+                hp.scheme, (hp.scheme, hp.gradient)
+            )
+            if scheme == "auto":
+                raise ValueError("scheme='auto' is for timm ResNets; pick euler, euler_fast or heun for ode_resnet")
+            for name, stage in adjoint_stages(self.model).items():
+                if hp.stages is None or name in hp.stages:
+                    stage.configure(scheme=scheme, gradient=gradient, refine=hp.refine, anchor_every=hp.anchor_every)
+            return
+        to_adjoint(
+            self.model,
+            stages=hp.stages,
+            scheme=hp.scheme,
+            gradient=hp.gradient,
+            refine=hp.refine,
+            anchor_every=hp.anchor_every,
+            calibration=calibration,
+            min_cosine=hp.min_cosine,
+        )
+
+    def _apply_freeze(self) -> None:
+        if self.hparams.freeze and not self._frozen:
+            timm.utils.freeze(self.model, list(self.hparams.freeze))
+            self._frozen = True
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def setup(self, stage: str) -> None:
+        try:
+            from ..distributed import validate_distributed
+        except ImportError:  # pragma: no cover - the distributed checks are optional
+            validate_distributed = None
+        if validate_distributed is not None:
+            validate_distributed(self.trainer, self)
+        if stage == "fit" and self.hparams.scheme == "auto" and not adjoint_stages(self.model):
+            self._convert(calibration=self._calibration_batch())
+        self._apply_freeze()
+
+    def _calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            raise ValueError("scheme='auto' needs a DataModule to calibrate on (one real training batch)")
+        images, targets = next(iter(datamodule.train_dataloader()))
+        return images[:8], targets[:8]
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        if self.mixup is not None and images.shape[0] % 2 == 0:
+            images, soft_targets = self.mixup(images, targets)
+            loss = torch.sum(-soft_targets * F.log_softmax(self(images), dim=-1), dim=-1).mean()
+        else:
+            loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, targets)
+        top1, top5 = (self.val_top1, self.val_top5) if prefix == "val" else (self.test_top1, self.test_top5)
+        top1(logits, targets)
+        top5(logits, targets)
+        kwargs = dict(on_step=False, on_epoch=True, batch_size=images.shape[0], sync_dist=True)
+        self.log(f"{prefix}/loss", loss, prog_bar=prefix == "val", **kwargs)
+        self.log(f"{prefix}/acc", top1, prog_bar=prefix == "val", on_step=False, on_epoch=True)
+        self.log(f"{prefix}/acc_top5", top5, on_step=False, on_epoch=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=-1)
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        optimizer = timm.optim.create_optimizer_v2(
+            self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
+        )
+        if hp.scheduler == "none":
+            return optimizer
+        # from the epoch length alone (not max_steps), so a run stopped early and resumed keeps the same schedule
+        if self.trainer.train_dataloader is None:
+            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
+        batches = self.trainer.num_training_batches
+        if not math.isfinite(batches):
+            raise ValueError("scheduler needs a sized training DataLoader; set scheduler='none' or limit_train_batches")
+        updates_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is None or max_epochs < 1:
+            if self.trainer.max_steps < 1:
+                raise ValueError(f"scheduler={hp.scheduler!r} needs trainer.max_epochs or max_steps, got {max_epochs}")
+            max_epochs = math.ceil(self.trainer.max_steps / updates_per_epoch)
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer,
+            sched=hp.scheduler,
+            num_epochs=max_epochs,
+            warmup_epochs=hp.warmup_epochs,
+            warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        # timm schedulers take the update count instead of counting calls, so a resumed run lands on the same LR.
+        scheduler.step_update(num_updates=self.global_step)
+
+
+# ---------------------------------------------------------------------- weights in and out
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if any(k.startswith(_MODEL_PREFIX) for k in state):
+        state = {k[len(_MODEL_PREFIX) :]: v for k, v in state.items() if k.startswith(_MODEL_PREFIX)}
+    return state
+
+
+def load_weights_file(model: nn.Module, path: str | Path) -> None:
+    """Initialise ``model`` from timm-keyed weights or a Lightning checkpoint; a head of another shape is skipped."""
+    state = _read_state_dict(Path(path))
+    own = model.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"weights file {str(path)!r} has keys this model lacks, e.g. {unknown[:5]}")
+    mismatched = {k for k, v in state.items() if own[k].shape != v.shape}
+    model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
+
+
+def export_timm_weights(checkpoint: str | Path, output: str | Path) -> Path:
+    """Write a Lightning checkpoint's network as plain timm weights (``.safetensors`` or ``.pth``).
+
+    Load them with ``timm.create_model(name, pretrained=True, num_classes=N,
+    pretrained_cfg_overlay=dict(file=str(output), num_classes=N))`` (N in the overlay too, or timm
+    re-initialises the classifier as a mismatched head).
+    """
+    state = _read_state_dict(Path(checkpoint))
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in state.items()}
+    if output.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(state, str(output))
+    else:
+        torch.save(state, str(output))
+    return output

@@ -1,0 +1,129 @@
+"""A real Trainer fit with every callback and both loggers; the metrics are read back from the real files."""
+
+from __future__ import annotations
+
+import csv
+import struct
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_resode.cli import main
+from lightning_resode.convert import adjoint_stages
+from lightning_resode.lit import GradientFidelity, MemoryMonitor, ReconstructionMonitor, ResodeClassifier, SyntheticDataModule
+
+REQUIRED = {"train/loss", "val/loss", "val/acc", "mem/peak_mib", "mem/activations_mib", "adjoint/grad_cosine"}
+
+
+def wandb_records(run_file: Path) -> list:
+    """Records of a W&B offline ``.wandb`` file (LevelDB-style log blocks of protobuf ``Record``s)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw, pos, block, pending, out = run_file.read_bytes(), 7, 32768, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        pos += 7
+        if length == 0 and kind == 0:
+            pos += left - 7
+            continue
+        pending += raw[pos : pos + length]
+        pos += length
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+            pending = b""
+    return out
+
+
+def _key(item: object) -> str:
+    return item.key or "/".join(item.nested_key)  # type: ignore[attr-defined]
+
+
+def csv_columns(root: Path) -> tuple[set[str], list[dict[str, str]]]:
+    (metrics,) = root.glob("csv/version_*/metrics.csv")
+    rows = list(csv.DictReader(metrics.open()))
+    return {k for row in rows for k, v in row.items() if v}, rows
+
+
+def test_cli_fit_logs_required_metrics_to_csv_and_wandb(tmp_path: Path) -> None:
+    main(
+        [
+            "fit", "--config", "recipes/quickstart.yaml",
+            f"--trainer.default_root_dir={tmp_path}", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=2", "--trainer.log_every_n_steps=1", "--trainer.enable_progress_bar=false",
+            "--model.model_name=resnet10t", "--memory.every_n_steps=1", "--fidelity.every_n_steps=1", "--data.init_args.batch_size=8",
+            "--reconstruction.every_n_steps=1", "--logging.wandb=true", "--logging.run_name=unit",
+        ]
+    )
+    columns, rows = csv_columns(tmp_path)
+    assert REQUIRED <= columns, REQUIRED - columns
+    assert {"adjoint/grad_cosine/layer1", "adjoint/recon_error/layer2", "mem/activations_backprop_mib"} <= columns
+    cosines = [float(r["adjoint/grad_cosine"]) for r in rows if r["adjoint/grad_cosine"]]
+    assert len(cosines) == 2 and all(0.9 < c <= 1.0 + 1e-6 for c in cosines)
+    activations = [float(r["mem/activations_mib"]) for r in rows if r["mem/activations_mib"]]
+    backprop = [float(r["mem/activations_backprop_mib"]) for r in rows if r["mem/activations_backprop_mib"]]
+    assert activations and backprop and activations[0] < backprop[0]
+
+    (run_file,) = tmp_path.glob("wandb/offline-run-*/*.wandb")
+    records = wandb_records(run_file)
+    history = {_key(item) for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
+    assert REQUIRED <= history, REQUIRED - history
+    summary = {_key(u) for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update}
+    assert {"summary/best_val_acc", "summary/activations_mib_per_image", "summary/backprop_activations_mib_per_image"} <= summary
+    config = {_key(u) for r in records if r.WhichOneof("record_type") == "config" for u in r.config.update}
+    assert {"trainer", "model", "data", "fidelity"} <= config  # the full CLI config, not only hparams
+    metrics = {r.metric.name for r in records if r.WhichOneof("record_type") == "metric"}
+    assert {"val/acc", "mem/peak_mib"} <= metrics
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def _fit(tmp_path: Path, callbacks: list[pl.Callback], stages: list[str] | None = None) -> tuple[list[float], ResodeClassifier]:
+    pl.seed_everything(0)
+    model = ResodeClassifier("resnet10t", num_classes=4, stages=stages, optimizer="sgd", lr=0.05, scheduler="none")
+    losses: list[float] = []
+
+    class _Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # noqa: ANN001
+            losses.append(float(outputs["loss"]))
+
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, deterministic=True,
+        callbacks=[*callbacks, _Record()],
+    )
+    data = SyntheticDataModule(num_classes=4, image_size=16, train_samples=16, batch_size=4)
+    trainer.fit(model, datamodule=data)
+    return losses, model
+
+
+def test_sampling_callbacks_leave_the_training_trajectory_unchanged(tmp_path: Path) -> None:
+    plain, plain_model = _fit(tmp_path / "a", [])
+    sampled, sampled_model = _fit(
+        tmp_path / "b", [MemoryMonitor(every_n_steps=1), GradientFidelity(every_n_steps=1), ReconstructionMonitor(every_n_steps=1)]
+    )
+    assert plain == sampled
+    for a, b in zip(plain_model.state_dict().values(), sampled_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_fidelity_fallback_switches_a_low_cosine_stage_to_exact(tmp_path: Path) -> None:
+    fidelity = GradientFidelity(every_n_steps=1, threshold=1.0, fallback=True)
+    _, model = _fit(tmp_path, [fidelity], stages=["layer1"])
+    assert fidelity.switched == ["layer1"]
+    assert adjoint_stages(model.model)["layer1"].gradient == "checkpoint"
+
+
+@pytest.mark.parametrize(
+    ("callback", "kwargs"),
+    [(MemoryMonitor, {"every_n_steps": 0}), (GradientFidelity, {"threshold": 1.5}), (GradientFidelity, {"fallback_gradient": "adjoint"})],
+)
+def test_bad_callback_options_fail_naming_the_value(callback: type, kwargs: dict) -> None:
+    with pytest.raises(ValueError, match=str(next(iter(kwargs.values())))):
+        callback(**kwargs)

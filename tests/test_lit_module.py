@@ -1,0 +1,74 @@
+"""The LightningModule: early errors, timm keys in and out, freezing, mixup, and the tied → untied route."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+
+from lightning_resode.convert import adjoint_stages
+from lightning_resode.lit import ResodeClassifier, SyntheticDataModule, export_timm_weights
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "named"),
+    [({"model_name": "resnet181"}, "resnet181"), ({"stages": ["layer7"]}, "layer7"), ({"freeze": ["stem9"]}, "stem9"),
+     ({"scheme": "rk4"}, "rk4"), ({"label_smoothing": 1.5}, "1.5")],
+)
+def test_bad_arguments_fail_naming_the_value(kwargs: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        ResodeClassifier(**{"model_name": "resnet10t", **kwargs})
+
+
+def _train(module: ResodeClassifier, root: Path, steps: int = 2) -> pl.Trainer:
+    trainer = pl.Trainer(
+        default_root_dir=root, max_steps=steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(module, datamodule=SyntheticDataModule(num_classes=3, image_size=32, train_samples=8, batch_size=4))
+    return trainer
+
+
+def test_weights_export_to_plain_timm(tmp_path: Path) -> None:
+    module = ResodeClassifier("resnet10t", num_classes=3, stages=["layer2", "layer3"], freeze=["conv1"])
+    assert set(module.model.state_dict()) == set(timm.create_model("resnet10t", num_classes=3).state_dict())
+    frozen_before = module.model.conv1[0].weight.detach().clone()
+    trainer = _train(module, tmp_path)
+    assert torch.equal(module.model.conv1[0].weight, frozen_before)  # frozen: untouched by training
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    weights = export_timm_weights(checkpoint, tmp_path / "resnet10t.safetensors")
+    plain = timm.create_model("resnet10t", pretrained=True, num_classes=3, pretrained_cfg_overlay=dict(file=str(weights), num_classes=3))
+    plain_state = plain.state_dict()
+    for name, tensor in module.model.state_dict().items():  # frozen BatchNorm has no num_batches_tracked
+        assert torch.equal(tensor, plain_state[name]), name
+    module.eval()
+    plain.eval()
+    images = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(plain(images), module(images))
+
+
+def test_mixup_cutmix_and_schedule_train(tmp_path: Path) -> None:
+    module = ResodeClassifier("resnet10t", num_classes=3, mixup_alpha=0.2, cutmix_alpha=1.0, warmup_epochs=1, warmup_lr=1e-5)
+    before = [p.detach().clone() for p in module.parameters()]
+    trainer = _train(module, tmp_path)
+    assert trainer.optimizers[0].param_groups[0]["lr"] < module.hparams.lr  # still warming up
+    assert any(not torch.equal(a, b) for a, b in zip(before, module.parameters()))
+
+
+def test_ode_resnet_tied_weights_load_into_the_untied_model(tmp_path: Path) -> None:
+    tied = ResodeClassifier("ode_resnet", num_classes=3, model_kwargs={"depth": 6, "width": 8, "tied": True}, scheme="heun")
+    assert len({id(b) for b in tied.model.stage}) == 1
+    assert adjoint_stages(tied.model)["stage"].scheme == "heun"
+    _train(tied, tmp_path)
+    path = tmp_path / "tied.ckpt"
+    torch.save({"state_dict": tied.state_dict()}, path)
+    untied = ResodeClassifier("ode_resnet", num_classes=3, model_kwargs={"depth": 6, "width": 8}, scheme="heun", weights_file=str(path))
+    assert len({id(b) for b in untied.model.stage}) == 6
+    tied.eval()
+    untied.eval()
+    images = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(untied(images), tied(images))
