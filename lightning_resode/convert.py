@@ -199,6 +199,7 @@ def to_adjoint(
     gradient: str = "adjoint",
     refine: int = 0,
     anchor_every: int | None = None,
+    top_step_dtype: torch.dtype | None = torch.bfloat16,
     calibration: torch.Tensor | tuple | None = None,
     min_cosine: float = 0.99,
 ) -> nn.Module:
@@ -214,6 +215,9 @@ def to_adjoint(
             ``"auto"`` (per stage, the cheapest option whose gradient cosine on ``calibration`` reaches
             ``min_cosine``, else checkpoint; see ``lightning_resode.diagnose.auto_policy``).
         gradient, refine, anchor_every: passed to every converted stage (see ``AdjointSequential``).
+        top_step_dtype: each stage keeps its top step's increment in this dtype (default bfloat16: half a
+            stage-output of memory per stage), so its top block costs no extra forward in backward and is
+            recovered almost exactly; ``None`` reconstructs it like the other blocks.
         calibration: ``images`` or ``(images, targets)``; required by ``scheme="auto"``.
         min_cosine: the gradient fidelity ``"auto"`` must reach.
     """
@@ -245,7 +249,13 @@ def to_adjoint(
             stage = AdjointSequential(list(blocks), name=name, exact_head=_leading_shape_changers(list(blocks)))
             setattr(parent, attr, stage)
         try:
-            stage.configure(scheme=stage_scheme, gradient=stage_gradient, refine=refine, anchor_every=anchor_every)
+            stage.configure(
+                scheme=stage_scheme,
+                gradient=stage_gradient,
+                refine=refine,
+                anchor_every=anchor_every,
+                top_step_dtype=top_step_dtype,
+            )
         except ValueError as err:
             raise ValueError(f"stage {name!r} ({len(stage)} blocks, {stage.exact_head} shape-changing): {err}") from err
     model.__class__ = _converted_class(type(model))

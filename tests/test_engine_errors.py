@@ -66,6 +66,7 @@ def test_double_backward_is_refused():
         (dict(refine=-1), r"refine must be >= 0"),
         (dict(anchor_every=0), r"anchor_every must be a positive"),
         (dict(exact_head=9), r"exact_head must be between 0 and 4"),
+        (dict(top_step_dtype=torch.int8), r"top_step_dtype must be a floating torch.dtype or None"),
     ],
 )
 def test_bad_options_fail_early_and_say_what_is_valid(options, message):

@@ -102,3 +102,26 @@ def test_backward_costs_match_the_documented_block_forward_counts():
         stage = AdjointSequential(smooth_blocks(depth), scheme, refine=refine)
         stage(x).sum().backward()
         assert stage.last_backward.block_forwards == forwards, (scheme, refine)
+
+
+def test_keeping_the_top_step_saves_its_block_forward_and_its_reverse_error():
+    depth = 10
+    x = torch.randn(8, 8, dtype=torch.float64)
+    exact = _parameter_gradient(smooth_blocks(depth), x, "euler_fast", "backprop")
+    errors = {}
+    for dtype in (None, torch.bfloat16):
+        stage = AdjointSequential(smooth_blocks(depth), "euler_fast", top_step_dtype=dtype)
+        stage(x).pow(2).sum().backward()
+        assert stage.last_backward.block_forwards == (depth if dtype else depth + 1)
+        grad = torch.cat([p.grad.flatten() for p in stage.parameters()])
+        errors[dtype] = float((grad - exact).norm() / exact.norm())
+    assert errors[torch.bfloat16] < errors[None]
+    # one block: the kept increment is the whole reconstruction, exact up to bf16 rounding of the residual
+    single = AdjointSequential(smooth_blocks(1), "euler", top_step_dtype=torch.bfloat16, keep_input=True)
+    out = single(x)
+    out.sum().backward()
+    residual_ratio = float((out - x).norm() / x.norm())
+    assert single.last_backward.reconstruction_error <= 2**-8 * residual_ratio  # bf16 unit roundoff of the step
+    reversed_only = AdjointSequential(smooth_blocks(1), "euler", keep_input=True)
+    reversed_only(x).sum().backward()
+    assert reversed_only.last_backward.reconstruction_error > 10 * single.last_backward.reconstruction_error

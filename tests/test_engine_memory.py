@@ -48,3 +48,11 @@ def test_checkpoint_keeps_only_the_stage_input():
     x_bytes = x.numel() * x.element_size()
     saved = _saved_bytes(AdjointSequential(smooth_blocks(64, width=64, dtype=torch.float32), gradient="checkpoint"), x)
     assert saved == x_bytes
+
+
+def test_the_kept_top_step_costs_half_a_state_in_bfloat16():
+    x = torch.randn(16, 64, requires_grad=True)
+    blocks = smooth_blocks(32, width=64, dtype=torch.float32)
+    plain = _saved_bytes(AdjointSequential(blocks, "euler_fast"), x)
+    kept = _saved_bytes(AdjointSequential(blocks, "euler_fast", top_step_dtype=torch.bfloat16), x)
+    assert kept - plain == x.numel() * 2

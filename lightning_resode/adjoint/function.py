@@ -1,7 +1,7 @@
 """The discrete adjoint as one autograd Function.
 
 Forward: run the stage without building a graph; keep the stage output x_S (and, if asked, the stage input,
-anchors every K steps, and the few bytes that make recomputation replay the forward: BatchNorm statistics,
+anchors every K steps, the top step's increment, and the few bytes that make recomputation replay the forward: BatchNorm statistics,
 generator states). Backward, for s = S-1 … 0:
 
     x̂_s  = reverse(x̂_{s+1})                    reconstruct the step's input (scheme), optionally refined
@@ -47,8 +47,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _relative_error(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    truth = truth.double()
-    return float((estimate.double() - truth).norm() / truth.norm().clamp_min(1e-30))
+    truth = truth.to(estimate.dtype)
+    return float(torch.linalg.vector_norm(estimate - truth) / torch.linalg.vector_norm(truth).clamp_min(1e-30))
 
 
 @dataclass
@@ -150,9 +150,12 @@ class AdjointStageFunction(torch.autograd.Function):
         anchors: dict[str, torch.Tensor] = {}
         scheme, record = stage.scheme_impl, run.evaluator("forward" if exact else "record")
         steps = stage.num_steps
+        top_increment = None
         for s in range(steps):
             out, _ = scheme.step(s, h, record)
             stage.check_shape(s, h, out)
+            if s == steps - 1 and stage.top_step_dtype is not None and not exact:
+                top_increment = (out - h).to(stage.top_step_dtype)
             h = out
             if stage.anchor_every and (s + 1) % stage.anchor_every == 0 and s + 1 < steps:
                 anchors[str(s + 1)] = h
@@ -162,6 +165,7 @@ class AdjointStageFunction(torch.autograd.Function):
                 "x_in": x_in if keep_stage_input else None,
                 "x_out": None if exact else h,
                 "anchors": anchors,
+                "top_increment": top_increment,
             }
         )
         ctx.save_for_backward(*flat)
@@ -244,6 +248,8 @@ def _adjoint_backward(run: StageRun, saved: dict, grad_out: torch.Tensor, needs_
         with torch.no_grad():
             if str(s) in anchors:
                 x_s = anchors[str(s)].detach().to(work_dtype)
+            elif s == steps - 1 and saved["top_increment"] is not None:
+                x_s = x_next - saved["top_increment"].to(work_dtype)
             else:
                 x_s = scheme.reverse(s, x_next, cache, frozen).to(work_dtype)
                 for _ in range(stage.refine):
@@ -260,9 +266,10 @@ def _adjoint_backward(run: StageRun, saved: dict, grad_out: torch.Tensor, needs_
             grad = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
             grads = grads[1:]
         if stage.check_finite:
-            # a sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each
-            checked = [t for t in (x_s, grad if want_x else None, *grads) if t is not None]
-            finite_flags.append(torch.isfinite(torch.stack([t.sum().double() for t in checked]).sum()))
+            # A sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each.
+            # Parameter gradients are products of these two and finite weights, so checking them adds nothing.
+            checked = x_s.sum() + grad.sum() if want_x else x_s.sum()
+            finite_flags.append(torch.isfinite(checked))
         _accumulate(param_grads, step_params, grads)
         x_next = x_s
     if finite_flags:

@@ -132,25 +132,35 @@ def _batch_norm_with_substituted_stats(
     bias: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor:
-    """Training-mode BatchNorm at x, re-centred so its values are those of the forward's statistics.
+    """Training-mode BatchNorm at x whose statistics are the forward's (values and gradient formula)."""
+    invstd_fwd = torch.rsqrt(var_fwd + eps)
+    return _ReplayedBatchNorm.apply(x, weight, bias, mean_fwd, var_fwd, invstd_fwd, eps)
 
-    Fused training-mode normalisation gives n_b = (x - μ_b)·s_b with x's own statistics. The forward's
-    normalisation is the per-channel affine map n_f = (s_f/s_b)·n_b + (μ_b - μ_f)·s_f of it, applied with
-    constant coefficients, so the values equal the forward's and the gradient is training-mode BatchNorm's
-    (both exactly so when the reconstruction is exact, where the coefficients are 1 and 0).
+
+class _ReplayedBatchNorm(torch.autograd.Function):
+    """Normalise with the forward's statistics; differentiate as training-mode BatchNorm with those statistics.
+
+    Forward: the fused eval-mode kernel fed the recorded (mean, var). Backward: the fused training-mode
+    backward fed the recorded (mean, invstd) as its saved batch statistics, so the gradient includes the
+    terms through the batch statistics. When the reconstruction is exact this is exactly what autograd
+    computes for ``F.batch_norm(training=True)``, at the cost of plain BatchNorm (two fused kernels).
     """
-    normalised, mean_now, invstd_now = torch.native_batch_norm(x, None, None, None, None, True, 0.0, eps)
-    with torch.no_grad():
-        invstd_fwd = torch.rsqrt(var_fwd + eps)
-        ratio = invstd_fwd / invstd_now
-        offset = (mean_now - mean_fwd) * invstd_fwd
-    scale, shift = ratio, offset
-    if weight is not None:
-        scale, shift = weight * ratio, weight * offset
-    if bias is not None:
-        shift = shift + bias
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (normalised * scale.view(shape) + shift.view(shape)).to(x.dtype)
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_fwd, var_fwd, invstd_fwd, eps):  # noqa: ANN001, ANN205
+        out = torch.native_batch_norm(x, weight, bias, mean_fwd, var_fwd, False, 0.0, eps)[0]
+        ctx.save_for_backward(x, weight, mean_fwd, invstd_fwd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight, mean_fwd, invstd_fwd = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), x, weight, None, None, mean_fwd, invstd_fwd, True, ctx.eps, mask
+        )
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 @contextlib.contextmanager

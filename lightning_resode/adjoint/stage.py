@@ -35,6 +35,10 @@ class AdjointSequential(nn.Module):
             forward and shrinks the reconstruction error geometrically when residuals are contractive.
         anchor_every: keep the exact state every K steps, so reconstruction error cannot accumulate over
             more than K steps (memory: S/K states).
+        top_step_dtype: keep the top step's increment x_S - x_{S-1} in this dtype (e.g. ``torch.bfloat16``):
+            the top block's input is then recovered without a block forward and with no reverse-step error
+            (only the rounding of the increment), for half a state of memory in bf16. This makes the backward
+            cost one block forward per block with ``euler_fast``, as checkpointing does.
         exact_head: how many leading blocks are shape-changing (a timm stage's downsampling block);
             they are recomputed exactly from the stored stage input instead of reconstructed.
         keep_input: keep the stage input (without a head) to measure the reconstruction error exactly.
@@ -51,6 +55,7 @@ class AdjointSequential(nn.Module):
         gradient: Gradient = "adjoint",
         refine: int = 0,
         anchor_every: int | None = None,
+        top_step_dtype: torch.dtype | None = None,
         exact_head: int = 0,
         keep_input: bool = False,
         check_finite: bool = True,
@@ -69,7 +74,14 @@ class AdjointSequential(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.name = name
         self.last_backward: BackwardReport | None = None
-        self.configure(scheme=scheme, gradient=gradient, refine=refine, anchor_every=anchor_every, exact_head=exact_head)
+        self.configure(
+            scheme=scheme,
+            gradient=gradient,
+            refine=refine,
+            anchor_every=anchor_every,
+            top_step_dtype=top_step_dtype,
+            exact_head=exact_head,
+        )
 
     def configure(
         self,
@@ -78,6 +90,7 @@ class AdjointSequential(nn.Module):
         gradient: Gradient | None = None,
         refine: int | None = None,
         anchor_every: int | None | Literal["keep"] = "keep",
+        top_step_dtype: torch.dtype | None | Literal["keep"] = "keep",
         exact_head: int | None = None,
     ) -> "AdjointSequential":
         """Change how the stage trains (the auto policy and fidelity callbacks switch stages with this).
@@ -88,6 +101,7 @@ class AdjointSequential(nn.Module):
         gradient = self.__dict__.get("gradient") if gradient is None else gradient
         refine = self.__dict__.get("refine") if refine is None else refine
         anchor_every = self.__dict__.get("anchor_every") if anchor_every == "keep" else anchor_every
+        top_step_dtype = self.__dict__.get("top_step_dtype") if top_step_dtype == "keep" else top_step_dtype
         exact_head = self.__dict__.get("exact_head") if exact_head is None else exact_head
         scheme_impl = get_scheme(scheme)
         if gradient not in GRADIENTS:
@@ -96,6 +110,8 @@ class AdjointSequential(nn.Module):
             raise ValueError(f"refine must be >= 0, got {refine}")
         if anchor_every is not None and anchor_every < 1:
             raise ValueError(f"anchor_every must be a positive number of steps or None, got {anchor_every}")
+        if top_step_dtype is not None and not (isinstance(top_step_dtype, torch.dtype) and top_step_dtype.is_floating_point):
+            raise ValueError(f"top_step_dtype must be a floating torch.dtype or None, got {top_step_dtype!r}")
         if not 0 <= exact_head <= len(self._blocks):
             raise ValueError(
                 f"exact_head must be between 0 and {len(self._blocks)} (the number of blocks), got {exact_head}"
@@ -104,6 +120,7 @@ class AdjointSequential(nn.Module):
         self.num_steps = scheme_impl.num_steps(residual_blocks) if residual_blocks > 0 else 0
         self.scheme, self.scheme_impl, self.gradient = scheme, scheme_impl, gradient
         self.refine, self.anchor_every, self.exact_head = refine, anchor_every, exact_head
+        self.top_step_dtype = top_step_dtype
         return self
 
     # ------------------------------------------------------------------ nn.Sequential look-alike
@@ -119,7 +136,7 @@ class AdjointSequential(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"scheme={self.scheme!r}, gradient={self.gradient!r}, refine={self.refine}, "
-            f"anchor_every={self.anchor_every}, exact_head={self.exact_head}"
+            f"anchor_every={self.anchor_every}, top_step_dtype={self.top_step_dtype}, exact_head={self.exact_head}"
         )
 
     @property
