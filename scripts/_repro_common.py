@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -63,3 +63,24 @@ def log_log_axes(ax: plt.Axes, xlabel: str, ylabel: str, title: str) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
+
+
+def run_reproduction(
+    argv: Sequence[str] | None,
+    doc: str,
+    configs: Mapping[str, Any],
+    run: Callable[[Any], dict[str, Any]],
+    plot: Callable[[dict[str, Any]], plt.Figure],
+    name: str,
+    headline: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """What every reproduction's ``main`` does: parse the preset, run it, write JSON + PNG, print the headline."""
+    preset, out = parse_cli(argv, doc.splitlines()[0])
+    result = run(configs[preset])
+    paths = write_outputs(result, plot(result), out, name)
+    print(headline(result), "->", paths["png"])
+    return result
+
+
+def slopes_headline(result: dict[str, Any], key: str = "slope", label: str = "fitted slopes:") -> str:
+    return f"{label} {({k: round(v, 2) for k, v in result[key].items()})}"

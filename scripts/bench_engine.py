@@ -33,6 +33,7 @@ VARIANTS: dict[str, dict] = {
     "checkpoint": dict(scheme="euler", gradient="checkpoint"),
     "euler": dict(scheme="euler"),
     "euler_fast": dict(scheme="euler_fast"),
+    "euler_fast+top_bf16": dict(scheme="euler_fast", top_step_dtype=torch.bfloat16),
     "euler_fast+refine1": dict(scheme="euler_fast", refine=1),
     "euler+anchor16": dict(scheme="euler", anchor_every=16),
     "heun": dict(scheme="heun"),

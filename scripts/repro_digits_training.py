@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from _repro_common import parse_cli, write_outputs
+from _repro_common import run_reproduction
 from lightning_resode import AdjointSequential, ReconstructionError
 from lightning_resode.ode_models import depth_weights
 
@@ -157,11 +157,10 @@ def plot(result: dict[str, Any]) -> plt.Figure:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    preset, out = parse_cli(argv, __doc__.splitlines()[0])
-    result = run(CONFIGS[preset])
-    paths = write_outputs(result, plot(result), out, NAME)
-    print("first depth where the adjoint matches backprop:", result["first_successful_depth"], "->", paths["png"])
-    return result
+    return run_reproduction(
+        argv, __doc__, CONFIGS, run, plot, NAME,
+        lambda result: f"first depth where the adjoint matches backprop: {result['first_successful_depth']}",
+    )
 
 
 if __name__ == "__main__":

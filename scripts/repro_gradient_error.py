@@ -18,7 +18,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from _repro_common import fitted_slope, log_log_axes, parse_cli, write_outputs
+from _repro_common import fitted_slope, log_log_axes, run_reproduction, slopes_headline
 from lightning_resode import AdjointSequential
 from lightning_resode.ode_models import ode_blocks
 
@@ -96,11 +96,7 @@ def plot(result: dict[str, Any]) -> plt.Figure:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    preset, out = parse_cli(argv, __doc__.splitlines()[0])
-    result = run(CONFIGS[preset])
-    paths = write_outputs(result, plot(result), out, NAME)
-    print("fitted slopes:", {k: round(v, 2) for k, v in result["slope"].items()}, "->", paths["png"])
-    return result
+    return run_reproduction(argv, __doc__, CONFIGS, run, plot, NAME, slopes_headline)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from _repro_common import fitted_slope, parse_cli, write_outputs
+from _repro_common import fitted_slope, run_reproduction, slopes_headline
 from lightning_resode.ode_models import DEPTH_PROFILES, depth_weights
 
 NAME = "repro_linear_training"
@@ -139,12 +139,10 @@ def plot(result: dict[str, Any]) -> plt.Figure:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    preset, out = parse_cli(argv, __doc__.splitlines()[0])
-    result = run(CONFIGS[preset])
-    paths = write_outputs(result, plot(result), out, NAME)
-    slopes = {k: round(v, 2) for k, v in result["smoothness_slope"].items()}
-    print("smoothness slope after training:", slopes, "->", paths["png"])
-    return result
+    return run_reproduction(
+        argv, __doc__, CONFIGS, run, plot, NAME,
+        lambda result: slopes_headline(result, "smoothness_slope", "smoothness slope after training:"),
+    )
 
 
 if __name__ == "__main__":

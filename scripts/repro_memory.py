@@ -17,7 +17,7 @@ from typing import Any
 import matplotlib.pyplot as plt
 import torch
 
-from _repro_common import fitted_slope, parse_cli, write_outputs
+from _repro_common import fitted_slope, run_reproduction, slopes_headline
 from lightning_resode import AdjointSequential, saved_activation_bytes
 from lightning_resode.ode_models import ode_blocks
 
@@ -82,11 +82,7 @@ def plot(result: dict[str, Any]) -> plt.Figure:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    preset, out = parse_cli(argv, __doc__.splitlines()[0])
-    result = run(CONFIGS[preset])
-    paths = write_outputs(result, plot(result), out, NAME)
-    print("fitted slopes:", {k: round(v, 2) for k, v in result["slope"].items()}, "->", paths["png"])
-    return result
+    return run_reproduction(argv, __doc__, CONFIGS, run, plot, NAME, slopes_headline)
 
 
 if __name__ == "__main__":
