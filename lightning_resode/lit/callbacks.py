@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
+import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -288,17 +290,44 @@ class ReconstructionMonitor(pl.Callback):
 
 # ---------------------------------------------------------------------- interruption and summary
 class InterruptCheckpoint(pl.Callback):
-    """On SIGTERM / SIGINT (or any crash) mid-epoch, save ``last.ckpt`` where ``--ckpt_path last`` finds it.
+    """On SIGTERM / SIGINT (or a crash) mid-epoch, save ``last.ckpt`` where ``--ckpt_path last`` finds it.
 
-    Lightning turns SIGTERM into an exception at the next batch boundary and Ctrl-C into KeyboardInterrupt;
-    both reach ``on_exception`` while the model and loop state are consistent enough to resume.
+    Lightning defers SIGTERM to the end of the current training batch and raises there, where the model,
+    optimizer and loop counters agree. Ctrl-C would raise ``KeyboardInterrupt`` wherever Python happens to
+    be (possibly between ``optimizer.step()`` and the loop's step counter), so it is routed to the same
+    deferred path; a second Ctrl-C stops at once, without overwriting ``last.ckpt`` with a torn state.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._previous_sigint: Any = None
+        self._trainer: pl.Trainer | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self._trainer = trainer
+            self._previous_sigint = signal.signal(signal.SIGINT, self._stop_after_this_batch)
+
+    def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
+        connector = self._trainer._signal_connector  # Lightning's own SIGTERM flag: checked after each batch
+        if connector.received_sigterm:
+            raise KeyboardInterrupt
+        connector.received_sigterm = True
+        rank_zero_info("Ctrl-C: finishing this batch, then saving last.ckpt (press Ctrl-C again to stop at once)")
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
             return
         dirpath = trainer.checkpoint_callback.dirpath
         if dirpath is None:
+            return
+        if isinstance(exception, KeyboardInterrupt):
+            rank_zero_warn("stopped at once mid-batch: last.ckpt was left as it was (it may be older)")
             return
         path = Path(dirpath) / "last.ckpt"
         trainer.save_checkpoint(str(path))
