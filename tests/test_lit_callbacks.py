@@ -8,8 +8,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import timm
 import torch
 
+from lightning_resode import saved_activation_bytes
 from lightning_resode.cli import main
 from lightning_resode.convert import adjoint_stages
 from lightning_resode.lit import GradientFidelity, MemoryMonitor, ReconstructionMonitor, ResodeClassifier, SyntheticDataModule
@@ -133,3 +135,13 @@ def test_fidelity_fallback_switches_a_low_cosine_stage_to_exact(tmp_path: Path) 
 def test_bad_callback_options_fail_naming_the_value(callback: type, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=str(next(iter(kwargs.values())))):
         callback(**kwargs)
+
+
+def test_memory_monitor_compares_with_what_plain_timm_backprop_stores(tmp_path: Path) -> None:
+    memory = MemoryMonitor(every_n_steps=1)
+    _, model = _fit(tmp_path, [memory])
+    plain = timm.create_model("resnet10t", num_classes=4).train()
+    images = torch.randn(memory.sample_images, 3, 16, 16)
+    expected = saved_activation_bytes(plain, lambda: plain(images)) / images.shape[0] / 2**20
+    assert memory.backprop_activations_mib == pytest.approx(expected, rel=1e-6)  # stem included
+    assert memory.activations_mib < expected

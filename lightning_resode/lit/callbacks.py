@@ -7,6 +7,7 @@ statistics and RNG state restored afterwards, so sampling never changes the trai
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import resource
 import signal
@@ -23,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from ..adjoint import AdjointSequential
-from ..convert import adjoint_stages
+from ..convert import adjoint_stages, from_adjoint
 from ..measure import saved_activation_bytes
 
 _MIB = 2.0**20
@@ -111,9 +112,19 @@ class MemoryMonitor(pl.Callback):
         self.peak_mib = 0.0
 
     def _activations_per_image(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor) -> float:
+        images = images.clone()  # a slice of the batch would count the whole batch's storage as saved
         with _side_effect_free(model), trainer.precision_plugin.forward_context():
             saved = saved_activation_bytes(model, lambda: model(images))
         return saved / images.shape[0] / _MIB
+
+    def _backprop_activations_per_image(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor) -> float:
+        """What plain backprop would store for the same model and images: the converted stem included."""
+        try:
+            plain = from_adjoint(copy.deepcopy(model))
+        except TypeError:  # not a timm family (e.g. the ODE ResNet): its stages are the whole story
+            with _all_exact(adjoint_stages(model)):
+                return self._activations_per_image(trainer, model, images)
+        return self._activations_per_image(trainer, plain, images)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.peak_mib = max(self.peak_mib, peak_memory_mib(pl_module.device))
@@ -125,8 +136,7 @@ class MemoryMonitor(pl.Callback):
             return
         self.activations_mib = self._activations_per_image(trainer, model, images)
         if self.backprop_activations_mib is None:
-            with _all_exact(adjoint_stages(model)):
-                self.backprop_activations_mib = self._activations_per_image(trainer, model, images)
+            self.backprop_activations_mib = self._backprop_activations_per_image(trainer, model, images)
         _log(
             trainer,
             {
