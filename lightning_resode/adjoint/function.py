@@ -114,6 +114,8 @@ class StageRun:
         layout["bn"] = {k: [(put(m), put(v)) for m, v in recs] for k, recs in self.replay.records.items()}
         layout["rng"] = {k: [put(t) for t in snap.tensors()] for k, snap in self.rng.items()}
         self._rng_devices = {k: snap.device for k, snap in self.rng.items()}
+        # from here on, backward gets them back through unpack (so saved-tensor hooks, e.g. offloading, apply)
+        self.replay.records, self.rng = {}, {}
         return flat, layout
 
     def unpack(self, saved: tuple[torch.Tensor, ...], layout: dict[str, Any]) -> dict[str, Any]:
