@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from ..adjoint import AdjointSequential
 from ..convert import SCHEME_CHOICES, adjoint_stages, supported_stage_names, to_adjoint
+from ..distributed import validate_distributed
 from . import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
@@ -193,12 +194,7 @@ class ResodeClassifier(pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
-        try:
-            from ..distributed import validate_distributed
-        except ImportError:  # pragma: no cover - the distributed checks are optional
-            validate_distributed = None
-        if validate_distributed is not None:
-            validate_distributed(self.trainer, self)
+        validate_distributed(self.trainer, self)
         if stage == "fit" and self.hparams.scheme == "auto" and not adjoint_stages(self.model):
             self._convert(calibration=self._calibration_batch())
         self._apply_freeze()
