@@ -1,4 +1,4 @@
-"""``lightning-resode``: LightningCLI over ``ResodeClassifier`` and the DataModules, plus ``diagnose``.
+"""lightning-resode: fine-tune timm ResNets with memory-free stages (fit, validate, test, predict, diagnose).
 
     lightning-resode fit --config recipes/quickstart.yaml [--trainer.max_epochs=3 --model.scheme=heun …]
     lightning-resode fit --config recipes/quickstart.yaml --ckpt_path last        # resume
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -113,7 +114,9 @@ def _diagnose(args: list[str]) -> None:
 
     ResodeCLI.diagnose_mode = True
     try:
-        cli = _make_cli(args, run=False)
+        with warnings.catch_warnings():  # args are sys.argv minus "diagnose", on purpose
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+            cli = _make_cli(args, run=False)
     finally:
         ResodeCLI.diagnose_mode = False
     options = cli.config[_DIAGNOSE]
@@ -137,7 +140,7 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] == _DIAGNOSE:
         _diagnose(argv[1:])
         return
-    cli = _make_cli(argv, run=True)
+    cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
     _finish_wandb(cli.trainer)
 
 
