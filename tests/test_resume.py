@@ -56,7 +56,7 @@ def test_signal_mid_epoch_leaves_a_resumable_checkpoint(signum: int, tmp_path: P
     while not list(tmp_path.glob("csv/version_*/config.yaml")):  # written in setup, just before the first batch
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read().decode()[-2000:]
         time.sleep(0.2)
-    time.sleep(3.0)
+    time.sleep(6.0)  # a few dozen steps in, well before the 400th
     process.send_signal(signum)
     process.wait(timeout=120)
     last = tmp_path / "checkpoints" / "last.ckpt"
