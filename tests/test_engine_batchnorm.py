@@ -112,3 +112,16 @@ def test_timm_checkpointing_double_counts_but_we_do_not():
     stage = AdjointSequential(blocks, "euler", gradient="checkpoint")
     stage(x).sum().backward()
     assert int(blocks[0].bn1.num_batches_tracked) == 1
+
+
+def test_channels_last_gradients_through_batchnorm_match_backprop():
+    blocks = [b.double().to(memory_format=torch.channels_last) for b in conv_blocks(4, channels=4)]
+    x = torch.randn(4, 4, 8, 8, dtype=torch.float64).to(memory_format=torch.channels_last).requires_grad_()
+
+    def gradient(**options):
+        stage = AdjointSequential(copy.deepcopy(blocks), **options)
+        stage(x).square().sum().backward()
+        return torch.cat([p.grad.flatten() for p in stage.parameters()])
+
+    exact = gradient(gradient="backprop")
+    assert float((gradient(scheme="euler", refine=30) - exact).norm() / exact.norm()) < 1e-10

@@ -158,9 +158,17 @@ class _ReplayedBatchNorm(torch.autograd.Function):
         x, weight, mean_fwd, invstd_fwd = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(), x, weight, None, None, mean_fwd, invstd_fwd, True, ctx.eps, mask
+            grad_out.contiguous(memory_format=_memory_format(x)), x, weight, None, None, mean_fwd, invstd_fwd, True,
+            ctx.eps, mask,
         )
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    """Keep channels_last gradients channels_last: the fused kernel reads both tensors in one layout."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 @contextlib.contextmanager
