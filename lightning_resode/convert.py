@@ -234,8 +234,10 @@ def to_adjoint(
     slots = family.stage_slots(model)
     names = list(slots) if stages is None else list(stages)
     unknown = [name for name in names if name not in slots]
-    if unknown or not names:
-        raise ValueError(f"unknown stage name(s) {unknown or names}; valid stage names: {list(slots)}")
+    if not names:
+        raise ValueError(f"stages=[] converts nothing; pass None for every stage, or some of {list(slots)}")
+    if unknown:
+        raise ValueError(f"unknown stage name(s) {unknown}; valid stage names: {list(slots)}")
     if any(getattr(m, "grad_checkpointing", False) is True for m in model.modules()):
         warnings.warn("timm's grad checkpointing is superseded by the adjoint stages; turning it off", stacklevel=2)
         model.set_grad_checkpointing(False)

@@ -159,6 +159,8 @@ def test_bad_input_errors_name_what_is_valid() -> None:
     model = _model("resnet18", **NARROW)
     with pytest.raises(ValueError, match=r"valid stage names: \['layer1', 'layer2', 'layer3', 'layer4'\]"):
         to_adjoint(model, stages=["layer5"])
+    with pytest.raises(ValueError, match=r"stages=\[\] converts nothing.*\['layer1', 'layer2', 'layer3', 'layer4'\]"):
+        to_adjoint(model, stages=[])
     with pytest.raises(ValueError, match="valid:.*'euler_fast'"):
         to_adjoint(model, scheme="rk4")
     with pytest.raises(ValueError, match="calibration"):
