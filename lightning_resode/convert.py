@@ -128,6 +128,13 @@ def adjoint_stages(model: nn.Module) -> dict[str, AdjointSequential]:
 class _AdjointFeatures:
     """Mixed in front of the timm class: the stem runs as an exact checkpoint; timm's checkpointing is refused."""
 
+    def __reduce_ex__(self, protocol: int):  # noqa: ANN204
+        # The subclass is made at conversion time; another process (ddp_spawn, torch.load) has not made it yet,
+        # so pickle a recipe that rebuilds it from the timm class instead of a reference to it.
+        constructor, args, *rest = super().__reduce_ex__(protocol)
+        base = next(c for c in type(self).__mro__[1:] if not issubclass(c, _AdjointFeatures))
+        return (_new_converted, (base, *args[1:]), *rest)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return _family_of(self).features(self, x, _stem_runner(self))
 
@@ -155,6 +162,11 @@ def _converted_class(cls: type) -> type:
         globals()[name] = converted
         _CONVERTED_CLASSES[cls] = converted
     return _CONVERTED_CLASSES[cls]
+
+
+def _new_converted(base: type, *args: object) -> nn.Module:
+    cls = _converted_class(base)
+    return cls.__new__(cls, *args)
 
 
 def _stem_runner(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -232,7 +244,7 @@ def to_adjoint(
             stacklevel=2,
         )
     slots = family.stage_slots(model)
-    names = list(slots) if stages is None else list(stages)
+    names = list(slots) if stages is None else [stages] if isinstance(stages, str) else list(stages)
     unknown = [name for name in names if name not in slots]
     if not names:
         raise ValueError(f"stages=[] converts nothing; pass None for every stage, or some of {list(slots)}")
@@ -250,6 +262,14 @@ def to_adjoint(
         else:
             stage = AdjointSequential(list(blocks), name=name, exact_head=_leading_shape_changers(list(blocks)))
             setattr(parent, attr, stage)
+        if stage_scheme == "heun" and len(stage) - stage.exact_head < 2:
+            warnings.warn(
+                f"stage {name!r} has {len(stage) - stage.exact_head} residual block(s); a Heun step needs two, so "
+                "it stays an Euler stage with exact (checkpointed) gradients",
+                stacklevel=2,
+            )
+            stage.configure(scheme="euler", gradient="checkpoint", refine=refine, anchor_every=anchor_every)
+            continue
         try:
             stage.configure(
                 scheme=stage_scheme,

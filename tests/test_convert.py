@@ -165,5 +165,24 @@ def test_bad_input_errors_name_what_is_valid() -> None:
         to_adjoint(model, scheme="rk4")
     with pytest.raises(ValueError, match="calibration"):
         to_adjoint(model, scheme="auto")
-    with pytest.raises(ValueError, match="stage 'layer2'.*heun"), pytest.warns(UserWarning, match="changes the network"):
+    with pytest.warns(UserWarning, match="stage 'layer2' has 1 residual block"):
         to_adjoint(model, stages=["layer2"], scheme="heun")  # one residual block after the downsampling head
+    assert model.layer2.gradient == "checkpoint" and model.layer2.scheme == "euler"
+    to_adjoint(model, stages="layer3", scheme="checkpoint")  # a bare name is one stage, not its letters
+    assert model.layer3.gradient == "checkpoint"
+
+
+def test_a_converted_model_unpickles_in_a_fresh_process(tmp_path) -> None:
+    """ddp_spawn and torch.load in another process rebuild the converted class from the timm one."""
+    import subprocess
+    import sys
+
+    model = to_adjoint(_model("resnet18", **NARROW))
+    torch.save(model, tmp_path / "model.pt")
+    code = (
+        "import torch; from lightning_resode import adjoint_stages;"
+        f"m = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False);"
+        "print(type(m).__name__, sorted(adjoint_stages(m)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "ResNet" in out and "['layer1', 'layer2', 'layer3', 'layer4']" in out

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lightning_resode import (
+    AdjointError,
     AdjointSequential,
     DoubleBackwardError,
     ReconstructionError,
@@ -90,3 +91,19 @@ def test_reconstruction_error_is_reported_when_the_input_is_kept():
     silent = AdjointSequential(smooth_blocks(32), "euler")
     silent(x).sum().backward()
     assert silent.last_backward.reconstruction_error is None and silent.last_backward.steps == 32
+
+
+def test_nested_adjoint_stages_are_refused_clearly():
+    inner = AdjointSequential(smooth_blocks(2))
+    outer = AdjointSequential([inner, *smooth_blocks(2, seed=1)], name="outer")
+    with pytest.raises(AdjointError, match="outer: 0 is itself an adjoint stage"):
+        outer(torch.randn(2, 8, dtype=torch.float64, requires_grad=True))
+
+
+def test_a_block_replaced_after_construction_is_the_one_that_runs():
+    stage = AdjointSequential(smooth_blocks(3))
+    replacement = smooth_blocks(1, seed=7)[0]
+    setattr(stage, "1", replacement)  # module surgery on a block, as done on an nn.Sequential
+    assert stage[1] is replacement
+    stage(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
+    assert replacement.linear.weight.grad is not None

@@ -68,7 +68,6 @@ class AdjointSequential(nn.Module):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"block {i} is a {type(block).__name__}, expected an nn.Module")
             self.add_module(str(i), block)
-        self._blocks = blocks
         self.keep_input = keep_input
         self.check_finite = check_finite
         self.preserve_rng_state = preserve_rng_state
@@ -123,6 +122,11 @@ class AdjointSequential(nn.Module):
         self.top_step_dtype = top_step_dtype
         return self
 
+    @property
+    def _blocks(self) -> list[nn.Module]:
+        # read from the registered children every time, so replacing stage["1"] after construction takes effect
+        return list(self._modules.values())
+
     # ------------------------------------------------------------------ nn.Sequential look-alike
     def __len__(self) -> int:
         return len(self._blocks)
@@ -148,7 +152,7 @@ class AdjointSequential(nn.Module):
         return self._blocks[: self.exact_head]
 
     def residual_block(self, n: int) -> nn.Module:
-        return self._blocks[self.exact_head + n]
+        return self._modules[str(self.exact_head + n)]
 
     def params_of_step(self, s: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
         return self._params_in([self.residual_block(n) for n in self.scheme_impl.blocks_of_step(s)], params)
@@ -178,6 +182,12 @@ class AdjointSequential(nn.Module):
         # SyncBatchNorm all-gathers statistics; replaying it in backward would issue collectives that the
         # other ranks do not match (or match in another order). Per-device BatchNorm replays exactly.
         for name, module in self.named_modules():
+            if module is not self and isinstance(module, AdjointSequential) and module.gradient != "backprop":
+                raise AdjointError(
+                    f"stage {self.display_name}: {name} is itself an adjoint stage; nested adjoint stages are not "
+                    "supported (the inner one would recompute on its own inside the outer recomputation). "
+                    "Flatten the blocks into one stage, or give the inner stage gradient='backprop'"
+                )
             if isinstance(module, nn.SyncBatchNorm):
                 raise AdjointError(
                     f"stage {self.display_name}: {name or 'a block'} is a SyncBatchNorm, which cannot be replayed "
