@@ -20,6 +20,13 @@ import torch
 Evaluate = Callable[[int, torch.Tensor, Any], torch.Tensor]
 
 
+def _reflect(x_next: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """2 x_next - y, written over ``y`` when it is a fresh buffer nobody else can see (saves a state of memory)."""
+    if y.dtype == x_next.dtype and not y.requires_grad and y.untyped_storage().data_ptr() != x_next.untyped_storage().data_ptr():
+        return y.neg_().add_(x_next, alpha=2)
+    return 2 * x_next - y
+
+
 class Scheme:
     """One discretisation: forward steps and their reverse."""
 
@@ -54,7 +61,7 @@ class Euler(Scheme):
         return out, out
 
     def reverse(self, s: int, x_next: torch.Tensor, cache: Any, evaluate: Evaluate) -> torch.Tensor:
-        return 2 * x_next - evaluate(s, x_next, (s, 0))
+        return _reflect(x_next, evaluate(s, x_next, (s, 0)))
 
 
 class EulerFast(Euler):
@@ -70,8 +77,7 @@ class EulerFast(Euler):
     def reverse(self, s: int, x_next: torch.Tensor, cache: Any, evaluate: Evaluate) -> torch.Tensor:
         if cache is None:
             return super().reverse(s, x_next, cache, evaluate)
-        block_above_output = cache
-        return 2 * x_next - block_above_output
+        return _reflect(x_next, cache)  # cache: block s+1's output at x_{s+1}, from the VJP above
 
 
 class Heun(Scheme):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -12,8 +12,8 @@ from .errors import AdjointError, ShapeChangeError
 from .function import AdjointStageFunction, BackwardReport, StageRun
 from .schemes import Scheme, get_scheme
 
-Gradient = Literal["adjoint", "checkpoint", "backprop"]
-GRADIENTS: tuple[str, ...] = ("adjoint", "checkpoint", "backprop")
+Gradient = Literal["adjoint", "block", "checkpoint", "backprop"]
+GRADIENTS: tuple[str, ...] = ("adjoint", "block", "checkpoint", "backprop")
 
 
 class AdjointSequential(nn.Module):
@@ -28,9 +28,14 @@ class AdjointSequential(nn.Module):
         blocks: residual blocks, each mapping a state to a state of the same shape.
         scheme: ``"euler"`` (paper; backward = 2 block forwards per block, gradient error O(1/N)),
             ``"euler_fast"`` (1 block forward per block, O(1/N)), ``"heun"`` (3 per step, O(1/N²)).
-        gradient: ``"adjoint"`` (reconstruct activations backwards), ``"checkpoint"`` (recompute the stage
-            from its stored input: exact, one stage of activations at backward time) or ``"backprop"``
-            (plain autograd: exact, stores everything). The last two are the exact references/fallbacks.
+        gradient: ``"adjoint"`` (reconstruct activations backwards), ``"block"`` (store each step's input,
+            in ``block_dtype`` if given, and start each step's VJP from it: exact uncompressed, otherwise only
+            the input's rounding; memory grows with depth, but one state, not one block's graph, per block),
+            ``"checkpoint"`` (recompute the stage from its stored input: exact, one stage of activations at
+            backward time) or ``"backprop"`` (plain autograd: exact, stores everything). Users normally pick
+            these through one method name (``configure(method=...)``, see ``lightning_resode.adjoint.methods``).
+        block_dtype: with ``gradient="block"``, the dtype step inputs are stored in (``torch.float16``,
+            ``torch.bfloat16``; ``None`` keeps the state's dtype: exact).
         refine: Richardson iterations per reconstruction, x ← x - (Phi(x) - x_next); each costs one step
             forward and shrinks the reconstruction error geometrically when residuals are contractive.
         anchor_every: keep the exact state every K steps, so reconstruction error cannot accumulate over
@@ -43,6 +48,12 @@ class AdjointSequential(nn.Module):
             they are recomputed exactly from the stored stage input instead of reconstructed.
         keep_input: keep the stage input (without a head) to measure the reconstruction error exactly.
         check_finite: raise ``ReconstructionError`` on non-finite reconstructions (one sync per backward).
+        fallback: instead of raising, replace an adjoint backward whose reconstruction is non-finite or whose
+            measured reconstruction error exceeds ``max_reconstruction_error`` by the exact gradient,
+            recomputed from the stored stage input (kept for that purpose), and call ``on_fallback(stage,
+            reason)`` so a policy can move the stage to a safer method. The auto policy turns this on.
+        max_reconstruction_error: the relative reconstruction error at the stage input above which
+            ``fallback`` replaces the gradient (measured for free where the stage has an exact head).
         preserve_rng_state: replay dropout / drop-path draws in recomputation.
         name: shown in error messages and diagnostics (the converter sets e.g. ``"layer3"``).
     """
@@ -61,6 +72,9 @@ class AdjointSequential(nn.Module):
         check_finite: bool = True,
         preserve_rng_state: bool = True,
         name: str | None = None,
+        block_dtype: torch.dtype | None = None,
+        fallback: bool = False,
+        max_reconstruction_error: float = float("inf"),
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -73,6 +87,9 @@ class AdjointSequential(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.name = name
         self.last_backward: BackwardReport | None = None
+        self.fallback = fallback
+        self.max_reconstruction_error = max_reconstruction_error
+        self.on_fallback: Callable[["AdjointSequential", str], None] | None = None
         self.configure(
             scheme=scheme,
             gradient=gradient,
@@ -80,6 +97,7 @@ class AdjointSequential(nn.Module):
             anchor_every=anchor_every,
             top_step_dtype=top_step_dtype,
             exact_head=exact_head,
+            block_dtype=block_dtype,
         )
 
     def configure(
@@ -91,18 +109,32 @@ class AdjointSequential(nn.Module):
         anchor_every: int | None | Literal["keep"] = "keep",
         top_step_dtype: torch.dtype | None | Literal["keep"] = "keep",
         exact_head: int | None = None,
+        block_dtype: torch.dtype | None | Literal["keep"] = "keep",
+        method: str | None = None,
     ) -> "AdjointSequential":
         """Change how the stage trains (the auto policy and fidelity callbacks switch stages with this).
 
-        Arguments left out keep their value. Weights and state_dict keys are untouched.
+        ``method`` is one name of ``lightning_resode.adjoint.methods.METHODS`` (``"euler_fast"``,
+        ``"block_fp16"``, ``"checkpoint"``…) and sets scheme, gradient and block dtype together; the other
+        arguments refine it. Arguments left out keep their value. Weights and state_dict keys are untouched.
         """
+        if method is not None:
+            from .methods import get_method
+
+            spec = get_method(method)
+            scheme = scheme if scheme is not None else spec.scheme
+            gradient = gradient if gradient is not None else spec.gradient
+            block_dtype = spec.block_dtype if block_dtype == "keep" else block_dtype
         scheme = self.__dict__.get("scheme") if scheme is None else scheme
         gradient = self.__dict__.get("gradient") if gradient is None else gradient
         refine = self.__dict__.get("refine") if refine is None else refine
         anchor_every = self.__dict__.get("anchor_every") if anchor_every == "keep" else anchor_every
         top_step_dtype = self.__dict__.get("top_step_dtype") if top_step_dtype == "keep" else top_step_dtype
         exact_head = self.__dict__.get("exact_head") if exact_head is None else exact_head
+        block_dtype = self.__dict__.get("block_dtype") if block_dtype == "keep" else block_dtype
         scheme_impl = get_scheme(scheme)
+        if block_dtype is not None and not (isinstance(block_dtype, torch.dtype) and block_dtype.is_floating_point):
+            raise ValueError(f"block_dtype must be a floating torch.dtype or None, got {block_dtype!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; valid: {list(GRADIENTS)}")
         if refine < 0:
@@ -120,7 +152,20 @@ class AdjointSequential(nn.Module):
         self.scheme, self.scheme_impl, self.gradient = scheme, scheme_impl, gradient
         self.refine, self.anchor_every, self.exact_head = refine, anchor_every, exact_head
         self.top_step_dtype = top_step_dtype
+        self.block_dtype = block_dtype
         return self
+
+    @property
+    def method(self) -> str:
+        """This stage's gradient method as one name (``lightning_resode.adjoint.methods``)."""
+        from .methods import method_name
+
+        return method_name(self)
+
+    def note_fallback(self, reason: str) -> None:
+        """Called by the backward when ``fallback`` replaced an approximate gradient by the exact one."""
+        if self.on_fallback is not None:
+            self.on_fallback(self, reason)
 
     @property
     def _blocks(self) -> list[nn.Module]:
@@ -139,7 +184,7 @@ class AdjointSequential(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"scheme={self.scheme!r}, gradient={self.gradient!r}, refine={self.refine}, "
+            f"method={self.method!r}, scheme={self.scheme!r}, gradient={self.gradient!r}, refine={self.refine}, "
             f"anchor_every={self.anchor_every}, top_step_dtype={self.top_step_dtype}, exact_head={self.exact_head}"
         )
 
