@@ -23,7 +23,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from torch import nn
 
-from .adjoint import AdjointError, AdjointSequential
+from ..adjoint import AdjointError, AdjointSequential
 
 #: the strategy names users can pass as ``--trainer.strategy`` with adjoint stages (tested on gloo + CPU)
 SUPPORTED_STRATEGIES: tuple[str, ...] = ("ddp", "ddp_spawn", "single-device")
