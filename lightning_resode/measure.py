@@ -1,4 +1,4 @@
-"""Activation memory measured the way DESIGN.md defines it: exact, device-independent, repeatable."""
+"""Saved activation bytes at rest (docs/design.md, "How we measure"): exact, device-independent, repeatable."""
 
 from __future__ import annotations
 

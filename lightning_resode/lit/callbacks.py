@@ -95,7 +95,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 # ---------------------------------------------------------------------- memory
 class MemoryMonitor(pl.Callback):
-    """Logs ``mem/peak_mib`` and ``mem/activations_mib`` (saved activation MiB per image, DESIGN.md's measure).
+    """Logs ``mem/peak_mib`` and ``mem/activations_mib`` (saved MiB per image at rest, docs/design.md).
 
     The activation measure re-runs one training forward on ``sample_images`` images of the current batch
     every ``every_n_steps`` steps; the backprop figure for the same model (``mem/activations_backprop_mib``)
