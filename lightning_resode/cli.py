@@ -146,9 +146,9 @@ def main(args: list[str] | None = None) -> None:
 
 def _finish_wandb(trainer: Trainer) -> None:
     """Close W&B runs when the command ends, so the offline run file holds the last step and the summary."""
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
+    # wandb.finish() closes the active run if the logger started one, and never starts one just to close it
+    if "wandb" in sys.modules and any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        sys.modules["wandb"].finish()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -8,7 +8,7 @@
 Memory and time use a conv stack (timm-like blocks with BatchNorm, post-ReLU free); gradient error uses the
 ODE-style stack of ``lightning_resode.ode_models`` in float64, whose residuals are smooth in depth. Time is a
 ratio against plain backprop measured in this process, interleaved A B A B after warm-up, median of pairs
-(DESIGN.md, "How we measure").
+(docs/design.md, "How we measure").
 """
 
 from __future__ import annotations
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.depths, args.pairs = [d for d in args.depths if d <= 128], min(args.pairs, 3)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    results: dict = {"config": vars(args), "conv": {}, "gradient_error": {}, "slopes": {}}
+    config = {key: value for key, value in vars(args).items() if key != "json"}  # where it was written is no result
+    results: dict = {"config": config, "conv": {}, "gradient_error": {}, "slopes": {}}
     for variant in args.variants:
         results["conv"][variant] = {
             d: measure_conv(d, variant, channels=args.channels, size=args.size, batch=args.batch, pairs=args.pairs)

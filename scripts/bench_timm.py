@@ -4,7 +4,7 @@
     python scripts/bench_timm.py            # resnet50/101/152/200: MiB/img at 224x224; time ratio at 8x128x128
     python scripts/bench_timm.py --quick    # resnet50 only, fewer timing pairs
 
-Memory: saved activation bytes of one training forward (DESIGN.md: unique storages, parameters excluded),
+Memory: saved activation bytes of one training forward (docs/design.md: unique storages, parameters excluded),
 batch 1 at 224x224, pretrained=False. Time: a training step (forward, backward) as a ratio to plain backprop
 in this process, interleaved A B A B after warm-up, median of pairs. momentumnet is optional (the ``bench``
 extra); its column reads "n/a" when it does not import.

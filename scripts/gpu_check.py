@@ -7,7 +7,7 @@ For one model (resnet152 at 224², bf16 autocast, channels_last by default) and 
 - ``adjoint``          ``to_adjoint(model)`` with its defaults,
 
 it measures, at one shared batch size, the peak ``torch.cuda.max_memory_allocated`` of a training step and
-the images/s (interleaved rounds, median, as docs/DESIGN asks), then the largest batch each fits (doubling,
+the images/s (interleaved rounds, median, as docs/design.md asks), then the largest batch each fits (doubling,
 then bisection, under a time cap). It writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
 
 Weights are timm's random initialisation (nothing is downloaded); cost and memory do not depend on them.

@@ -1,6 +1,6 @@
 """Finding 4: saved activation memory grows linearly with depth under backprop and stays flat with the adjoint.
 
-Memory is measured as DESIGN.md defines it (``lightning_resode.saved_activation_bytes``: unique storages
+Memory is measured as docs/design.md defines saved bytes at rest (``lightning_resode.saved_activation_bytes``: unique storages
 autograd keeps during one training forward, parameters excluded), so the numbers are exact and the same on
 any machine. Stacks of N ODE-style blocks (float32) in one ``AdjointSequential`` per gradient mode.
 

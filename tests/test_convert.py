@@ -110,7 +110,7 @@ def test_saved_activations_grow_with_stages_not_depth() -> None:
     assert deep == pytest.approx(shallow, rel=0.10)
     backprop = mib_per_image("resnet50", 64, scheme="backprop")
     assert backprop > 6 * shallow
-    assert mib_per_image("resnet50", 224) <= 12.0  # the DESIGN.md figure for defaults at 224x224
+    assert mib_per_image("resnet50", 224) <= 12.0  # ≈10 MiB/img for the defaults at 224x224 (README, docs/BENCHMARKS.md)
 
 
 def test_forward_features_head_and_reset_classifier() -> None:

@@ -97,7 +97,7 @@ def _train(out: Path) -> None:
     import lightning as L
     from lightning.pytorch.strategies import DDPStrategy
 
-    from lightning_resode.distributed import validate_distributed
+    from lightning_resode.lit.distributed import validate_distributed
 
     torch.set_num_threads(1)
 

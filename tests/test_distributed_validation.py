@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from lightning_resode import AdjointError, AdjointSequential
-from lightning_resode.distributed import DistributedSetupError, _check_strategy, validate_distributed
+from lightning_resode.lit.distributed import DistributedSetupError, _check_strategy, validate_distributed
 
 
 class _Block(nn.Module):

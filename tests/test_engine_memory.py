@@ -1,4 +1,4 @@
-"""Saved activation bytes, measured as DESIGN.md says: flat in depth for adjoint stages."""
+"""Saved activation bytes, measured as docs/design.md defines them: flat in depth for adjoint stages."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
 """Discretisation schemes: how a stage steps forward, and how it guesses a step's input from its output.
 
-Notation (PAPER.md): blocks b_n, residuals g_n(x) = b_n(x) - x, states x_s. A scheme's forward is a
+Notation (docs/method.md): blocks b_n, residuals g_n(x) = b_n(x) - x, states x_s. A scheme's forward is a
 sequence of steps x_{s+1} = Phi_s(x_s). Its reverse gives a first guess of x_s from x_{s+1}; the engine may
 then refine that guess with Richardson iterations x <- x - (Phi_s(x) - x_{s+1}), which converge to the
 exact inverse when Phi_s - id is a contraction (small residuals).
@@ -81,7 +81,7 @@ class EulerFast(Euler):
 
 
 class Heun(Scheme):
-    """Explicit trapezoid over pairs of blocks (PAPER.md): N blocks give N - 1 steps.
+    """Explicit trapezoid over pairs of blocks (docs/method.md): N blocks give N - 1 steps.
 
         y = x_s + g_s(x_s);   x_{s+1} = x_s + 1/2 [g_s(x_s) + g_{s+1}(y)]
     reverse:

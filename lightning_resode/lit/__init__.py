@@ -1,4 +1,4 @@
-"""Lightning side of lightning-resode: the classifier module, DataModules, callbacks and loggers."""
+"""Lightning side of lightning-resode: the classifier module, DataModules, callbacks, loggers and strategy checks."""
 
 from .callbacks import FitSummary, GradientFidelity, InterruptCheckpoint, MemoryMonitor, ReconstructionMonitor
 from .data import (
@@ -11,7 +11,6 @@ from .data import (
 )
 from .loggers import build_loggers
 from .module import ResodeClassifier, export_timm_weights, load_weights_file
-from .ode_resnet import OdeResNet
 
 __all__ = [
     "CIFAR100DataModule",
@@ -23,7 +22,6 @@ __all__ = [
     "ImageReadError",
     "InterruptCheckpoint",
     "MemoryMonitor",
-    "OdeResNet",
     "ReconstructionMonitor",
     "ResodeClassifier",
     "SyntheticDataModule",

@@ -26,6 +26,7 @@ from torch import nn
 from ..adjoint import AdjointSequential
 from ..convert import adjoint_stages, from_adjoint
 from ..measure import saved_activation_bytes
+from ._lightning_private import logging_step, request_stop_after_batch
 
 _MIB = 2.0**20
 
@@ -75,7 +76,7 @@ def _due(trainer: pl.Trainer, every_n_steps: int) -> bool:
 def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
     """Write sampled measurements straight to the loggers at the step they were taken (``self.log`` would hold
     them until the next ``log_every_n_steps`` flush and repeat them there)."""
-    step = trainer.fit_loop.epoch_loop._batches_that_stepped
+    step = logging_step(trainer)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=step)
 
@@ -94,7 +95,7 @@ def peak_memory_mib(device: torch.device) -> float:
 
 # ---------------------------------------------------------------------- memory
 class MemoryMonitor(pl.Callback):
-    """Logs ``mem/peak_mib`` and ``mem/activations_mib`` (saved activation MiB per image, DESIGN.md's measure).
+    """Logs ``mem/peak_mib`` and ``mem/activations_mib`` (saved MiB per image at rest, docs/design.md).
 
     The activation measure re-runs one training forward on ``sample_images`` images of the current batch
     every ``every_n_steps`` steps; the backprop figure for the same model (``mem/activations_backprop_mib``)
@@ -319,10 +320,9 @@ class InterruptCheckpoint(pl.Callback):
             self._previous_sigint = signal.signal(signal.SIGINT, self._stop_after_this_batch)
 
     def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
-        connector = self._trainer._signal_connector  # Lightning's own SIGTERM flag: checked after each batch
-        if connector.received_sigterm:
+        if self._trainer.received_sigterm:  # Lightning's SIGTERM flag: checked after each batch
             raise KeyboardInterrupt
-        connector.received_sigterm = True
+        request_stop_after_batch(self._trainer)
         rank_zero_info("Ctrl-C: finishing this batch, then saving last.ckpt (press Ctrl-C again to stop at once)")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

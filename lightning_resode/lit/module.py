@@ -23,10 +23,10 @@ from timm.data import Mixup
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .. import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
 from ..adjoint import AdjointSequential
 from ..convert import SCHEME_CHOICES, adjoint_stages, supported_stage_names, to_adjoint
-from ..distributed import validate_distributed
-from . import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
+from .distributed import validate_distributed
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
 Scheme = Literal["euler", "euler_fast", "heun", "checkpoint", "backprop", "auto"]

@@ -15,7 +15,7 @@ import torch
 from timm.models import register_model
 from torch import nn
 
-from ..adjoint import AdjointSequential
+from .adjoint import AdjointSequential
 
 
 class OdeConvBlock(nn.Module):

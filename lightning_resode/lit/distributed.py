@@ -23,7 +23,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy, Strategy
 from torch import nn
 
-from .adjoint import AdjointError, AdjointSequential
+from ..adjoint import AdjointError, AdjointSequential
+from ._lightning_private import sync_batchnorm_requested
 
 #: the strategy names users can pass as ``--trainer.strategy`` with adjoint stages (tested on gloo + CPU)
 SUPPORTED_STRATEGIES: tuple[str, ...] = ("ddp", "ddp_spawn", "single-device")
@@ -69,9 +70,8 @@ def _check_strategy(strategy: Strategy, stages: list[AdjointSequential]) -> None
 
 
 def _check_sync_batchnorm(trainer: Trainer, stages: list[AdjointSequential]) -> None:
-    # Lightning converts BatchNorm to SyncBatchNorm in strategy.setup, after LightningModule.setup; the
-    # request is visible earlier as the strategy's layer-sync plugin (set only for parallel strategies).
-    if getattr(trainer.strategy, "_layer_sync", None) is not None:
+    # Lightning converts BatchNorm to SyncBatchNorm in strategy.setup, after LightningModule.setup.
+    if sync_batchnorm_requested(trainer):
         raise DistributedSetupError(
             f"Trainer(sync_batchnorm=True) would turn the BatchNorm layers of the adjoint stages "
             f"({_stage_names(stages)}) into SyncBatchNorm, whose statistics collective cannot be replayed in "

@@ -1,0 +1,69 @@
+"""The only places lightning-resode touches Lightning internals, kept together so an upgrade breaks here.
+
+Each function below does one thing Lightning has no public API for, and says why we need it. Every other
+module calls these instead of reaching into Lightning's private attributes itself. If Lightning renames or
+drops one of them, ``LightningInternalsChanged`` names the attribute and what it was used for, and
+tests/test_lightning_private.py fails on a real Trainer before any user sees it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning
+import lightning.pytorch as pl
+from lightning.pytorch.strategies import ParallelStrategy
+
+__all__ = ["LightningInternalsChanged", "logging_step", "request_stop_after_batch", "sync_batchnorm_requested"]
+
+
+class LightningInternalsChanged(RuntimeError):
+    """Lightning no longer has an internal attribute lightning-resode relies on (a Lightning upgrade changed it)."""
+
+
+def _internal(owner: Any, name: str, purpose: str) -> Any:
+    try:
+        return getattr(owner, name)
+    except AttributeError:
+        raise LightningInternalsChanged(
+            f"lightning-resode reads Lightning's private {type(owner).__name__}.{name} to {purpose}, and "
+            f"lightning {lightning.__version__} no longer has it. Install the Lightning version lightning-resode "
+            "was tested with (2.6) or update lightning_resode/lit/_lightning_private.py"
+        ) from None
+
+
+def logging_step(trainer: pl.Trainer) -> int:
+    """The step Lightning's loggers give the metrics of the current training batch (what ``self.log`` writes).
+
+    Callbacks that log straight to ``trainer.loggers`` use it so their points line up with the module's on
+    the same x axis. It counts batches that stepped the optimizer (not ``global_step``, which counts
+    optimizer steps and has already advanced in ``on_train_batch_end``); Lightning's own
+    ``LearningRateMonitor`` and ``DeviceStatsMonitor`` read the same counter, which has no public accessor.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    return int(_internal(loop, "_batches_that_stepped", "log callback metrics at the step Lightning logs"))
+
+
+def request_stop_after_batch(trainer: pl.Trainer) -> None:
+    """Raise the flag Lightning sets on SIGTERM, so training stops after the current batch as for SIGTERM.
+
+    Lightning then raises ``SIGTERMException`` at the end of the batch, where model, optimizer and loop
+    counters agree. The public ``trainer.received_sigterm`` only reads this flag; sending ourselves SIGTERM
+    instead would also make Lightning kill child processes and broadcast from inside a signal handler.
+    """
+    connector = _internal(trainer, "_signal_connector", "stop after this batch on Ctrl-C as on SIGTERM")
+    _internal(connector, "received_sigterm", "stop after this batch on Ctrl-C as on SIGTERM")
+    connector.received_sigterm = True
+
+
+def sync_batchnorm_requested(trainer: pl.Trainer) -> bool:
+    """Whether ``Trainer(sync_batchnorm=True)`` will convert BatchNorm layers to SyncBatchNorm.
+
+    Lightning converts them in ``strategy.setup``, after ``LightningModule.setup``; the request is only
+    visible earlier as the parallel strategy's layer-sync plugin (there is no public accessor). Strategies
+    that do not run several processes ignore the flag.
+    """
+    strategy = trainer.strategy
+    if not isinstance(strategy, ParallelStrategy):
+        return False
+    return _internal(strategy, "_layer_sync", "refuse sync_batchnorm=True before it converts adjoint stages") is not None

@@ -1,0 +1,94 @@
+"""Each Lightning internal lightning-resode relies on still exists and still means what we use it for.
+
+These run a real Trainer. A failure here means a Lightning upgrade changed an internal: update
+lightning_resode/lit/_lightning_private.py (the only module that touches them), not the callers.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lightning_resode.lit._lightning_private import (
+    LightningInternalsChanged,
+    _internal,
+    logging_step,
+    request_stop_after_batch,
+    sync_batchnorm_requested,
+)
+
+
+def _trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
+    defaults: dict[str, Any] = dict(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path),
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+class _LoggedModel(BoringModel):
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        self.log("probe", float(batch_idx), on_step=True, on_epoch=False)
+        return super().training_step(batch, batch_idx)
+
+
+class _RecordStep(L.Callback):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.steps.append(logging_step(trainer))
+
+
+def test_logging_step_is_the_step_lightning_logs_the_same_batch_at(tmp_path: Path) -> None:
+    recorder = _RecordStep()
+    trainer = _trainer(
+        tmp_path, logger=CSVLogger(tmp_path, name="", version=""), log_every_n_steps=1, max_steps=5,
+        limit_val_batches=0, accumulate_grad_batches=1, callbacks=[recorder],
+    )
+    trainer.fit(_LoggedModel())
+    with open(tmp_path / "metrics.csv") as f:
+        logged = {int(float(row["probe"])): int(row["step"]) for row in csv.DictReader(f) if row.get("probe")}
+    assert recorder.steps == [logged[batch] for batch in range(5)], (
+        "logging_step() no longer matches the step Lightning gives self.log metrics of the same batch: "
+        f"{recorder.steps} vs {logged}; update lightning_resode/lit/_lightning_private.py"
+    )
+
+
+class _StopAt(L.Callback):
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.batch:
+            request_stop_after_batch(trainer)
+            assert trainer.received_sigterm, "request_stop_after_batch() no longer sets trainer.received_sigterm"
+
+
+def test_request_stop_after_batch_stops_like_sigterm_once_the_batch_is_done(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=10, limit_val_batches=0, callbacks=[_StopAt(3)])
+    with pytest.raises(SIGTERMException):
+        trainer.fit(BoringModel())
+    assert trainer.global_step == 4, (
+        f"after a stop requested during batch 3, Lightning ran {trainer.global_step} optimizer steps (want 4: the "
+        "batch finishes, then it stops); update lightning_resode/lit/_lightning_private.py"
+    )
+
+
+def test_sync_batchnorm_requested_reads_the_trainer_flag(tmp_path: Path) -> None:
+    assert sync_batchnorm_requested(_trainer(tmp_path, devices=2, strategy="ddp", sync_batchnorm=True))
+    assert not sync_batchnorm_requested(_trainer(tmp_path, devices=2, strategy="ddp"))
+    # one device: Lightning ignores the flag, and so do we
+    assert not sync_batchnorm_requested(_trainer(tmp_path, devices=1, sync_batchnorm=True))
+
+
+def test_a_missing_internal_names_itself_and_what_it_was_for() -> None:
+    with pytest.raises(LightningInternalsChanged, match=r"private object\._gone to do a thing.*lightning \d"):
+        _internal(object(), "_gone", "do a thing")
