@@ -23,9 +23,13 @@ import torch
 from torch import nn
 
 from .adjoint import AdjointSequential
+from .adjoint.methods import METHODS, SCHEME_CHOICES, get_method
+from .policy import StagePolicy
 
-SCHEME_CHOICES: tuple[str, ...] = ("euler", "euler_fast", "heun", "checkpoint", "backprop", "auto")
+__all__ = ["SCHEME_CHOICES", "adjoint_stages", "from_adjoint", "policy_of", "supported_stage_names", "to_adjoint"]
+
 _STEM_KEY = "_resode_stem"
+_POLICY_KEY = "_resode_policy"
 
 
 # ---------------------------------------------------------------------------------------------- families
@@ -136,6 +140,9 @@ class _AdjointFeatures:
         return (_new_converted, (base, *args[1:]), *rest)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        policy = self.__dict__.get(_POLICY_KEY)
+        if policy is not None and not policy.external and self.training and torch.is_grad_enabled():
+            policy.before_step(self, x)  # calibrates on the first training step (pseudo-labels: no targets here)
         return _family_of(self).features(self, x, _stem_runner(self))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -193,27 +200,18 @@ def _leading_shape_changers(blocks: Sequence[nn.Module]) -> int:
     return count
 
 
-def _resolve_options(scheme: str, gradient: str) -> tuple[str, str]:
-    if scheme not in SCHEME_CHOICES:
-        raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
-    if scheme == "checkpoint":
-        return "euler", "checkpoint"
-    if scheme == "backprop":
-        return "euler", "backprop"
-    return ("euler_fast" if scheme == "auto" else scheme), gradient
-
-
 def to_adjoint(
     model: nn.Module,
     stages: Sequence[str] | None = None,
-    scheme: str = "euler_fast",
+    scheme: str = "auto",
     *,
-    gradient: str = "adjoint",
     refine: int = 0,
     anchor_every: int | None = None,
     top_step_dtype: torch.dtype | None = torch.bfloat16,
-    calibration: torch.Tensor | tuple | None = None,
     min_cosine: float = 0.99,
+    recheck_every: int = 500,
+    calibration: torch.Tensor | tuple | None = None,
+    check: bool = True,
 ) -> nn.Module:
     """Make the residual stages of a timm ResNet memory-free, in place; returns ``model``.
 
@@ -221,22 +219,29 @@ def to_adjoint(
         model: a timm ResNet v1 or ResNetV2 (see ``supported_stage_names``). Already converted models are
             reconfigured.
         stages: public stage names to convert (``["layer3"]``); ``None`` converts every stage.
-        scheme: ``"euler_fast"`` (default: one block forward per block in backward), ``"euler"`` (the paper),
-            ``"heun"`` (a *different network* from the pretrained Euler one: only for models trained as Heun),
-            ``"checkpoint"`` (exact recompute from the stage input), ``"backprop"`` (plain autograd) or
-            ``"auto"`` (per stage, the cheapest option whose gradient cosine on ``calibration`` reaches
-            ``min_cosine``, else checkpoint; see ``lightning_resode.diagnose.auto_policy``).
-        gradient, refine, anchor_every: passed to every converted stage (see ``AdjointSequential``).
-        top_step_dtype: each stage keeps its top step's increment in this dtype (default bfloat16: half a
-            stage-output of memory per stage), so its top block costs no extra forward in backward and is
-            recovered almost exactly; ``None`` reconstructs it like the other blocks.
-        calibration: ``images`` or ``(images, targets)``; required by ``scheme="auto"``.
-        min_cosine: the gradient fidelity ``"auto"`` must reach.
+        scheme: how each stage computes its gradient (``lightning_resode.adjoint.methods``):
+            ``"auto"`` (default: per stage, the method with the least peak memory whose gradient cosine
+            against exact backprop reaches ``min_cosine``, measured on the first training step and every
+            ``recheck_every`` steps; see ``lightning_resode.policy``), a reconstruction (``"euler_fast"``,
+            ``"euler"``; ``"heun"`` is a *different network*, only for models trained as Heun), a per-block
+            checkpoint (``"block_fp16"``, ``"block_bf16"``, exact ``"block"``), a whole-stage
+            ``"checkpoint"`` or ``"backprop"``.
+        refine, anchor_every: reconstruction options for every converted stage (see ``AdjointSequential``).
+        top_step_dtype: reconstruction stages keep their top step's increment in this dtype (default
+            bfloat16: half a stage-output of memory per stage), so the top block costs no extra forward in
+            backward and is recovered almost exactly; ``None`` reconstructs it like the other blocks.
+        min_cosine: the gradient fidelity ``"auto"`` requires, and below which an explicit approximate
+            method is reported unsafe (a warning on its first training step).
+        recheck_every: ``"auto"`` recalibrates every this many training steps (0: only at the first step
+            and after a stage had to fall back to an exact gradient).
+        calibration: ``images`` or ``(images, targets)`` to calibrate on now instead of on the first
+            training step.
+        check: for an explicit approximate method, measure it once on the first training step and warn
+            when it is unsafe for a stage.
     """
     family = _family_of(model)
-    stage_scheme, stage_gradient = _resolve_options(scheme, gradient)
-    if scheme == "auto" and calibration is None:
-        raise ValueError("scheme='auto' measures gradients: pass calibration=images or calibration=(images, targets)")
+    if scheme not in SCHEME_CHOICES:
+        raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
     if scheme == "heun":
         warnings.warn(
             "scheme='heun' changes the network's function (Heun steps pair consecutive blocks); a pretrained "
@@ -254,6 +259,7 @@ def to_adjoint(
         warnings.warn("timm's grad checkpointing is superseded by the adjoint stages; turning it off", stacklevel=2)
         model.set_grad_checkpointing(False)
 
+    converted: dict[str, AdjointSequential] = {}
     for name in names:
         parent, attr = slots[name]
         blocks = getattr(parent, attr)
@@ -262,31 +268,46 @@ def to_adjoint(
         else:
             stage = AdjointSequential(list(blocks), name=name, exact_head=_leading_shape_changers(list(blocks)))
             setattr(parent, attr, stage)
-        if stage_scheme == "heun" and len(stage) - stage.exact_head < 2:
+        converted[name] = stage
+        # auto starts exact; its first training step measures and picks
+        method = "block" if scheme == "auto" else scheme
+        if method == "heun" and len(stage) - stage.exact_head < 2:
             warnings.warn(
                 f"stage {name!r} has {len(stage) - stage.exact_head} residual block(s); a Heun step needs two, so "
-                "it stays an Euler stage with exact (checkpointed) gradients",
+                "it stays an Euler stage with exact per-block gradients (scheme 'block')",
                 stacklevel=2,
             )
-            stage.configure(scheme="euler", gradient="checkpoint", refine=refine, anchor_every=anchor_every)
-            continue
+            method = "block"
         try:
             stage.configure(
-                scheme=stage_scheme,
-                gradient=stage_gradient,
-                refine=refine,
-                anchor_every=anchor_every,
-                top_step_dtype=top_step_dtype,
+                method=method,
+                scheme=get_method(method).scheme or "euler",  # a timm ResNet is an Euler network
+                refine=refine, anchor_every=anchor_every, top_step_dtype=top_step_dtype,
             )
         except ValueError as err:
             raise ValueError(f"stage {name!r} ({len(stage)} blocks, {stage.exact_head} shape-changing): {err}") from err
+        stage.fallback = False
     model.__class__ = _converted_class(type(model))
-    model.__dict__[_STEM_KEY + "_gradient"] = "backprop" if stage_gradient == "backprop" else "checkpoint"
+    model.__dict__[_STEM_KEY + "_gradient"] = "backprop" if scheme == "backprop" else "checkpoint"
+    model.__dict__.pop(_POLICY_KEY, None)
     if scheme == "auto":
-        from .diagnose import auto_policy
-
-        auto_policy(model, calibration, min_cosine=min_cosine, stages=names)
+        policy = StagePolicy(converted, mode="auto", min_cosine=min_cosine, recheck_every=recheck_every)
+    elif check and not METHODS[scheme].exact:
+        policy = StagePolicy(converted, mode="check", min_cosine=min_cosine, recheck_every=0)
+    else:
+        policy = None
+    if policy is not None:
+        model.__dict__[_POLICY_KEY] = policy
+        if calibration is not None:
+            policy.calibrate(model, calibration)
+    elif calibration is not None:
+        raise ValueError(f"calibration= is used by scheme='auto' or an approximate scheme with check=True, not by {scheme!r}")
     return model
+
+
+def policy_of(model: nn.Module) -> StagePolicy | None:
+    """The stage policy ``to_adjoint`` attached (``scheme='auto'``, or the check of an explicit method)."""
+    return model.__dict__.get(_POLICY_KEY)
 
 
 def from_adjoint(model: nn.Module) -> nn.Module:
@@ -300,4 +321,5 @@ def from_adjoint(model: nn.Module) -> nn.Module:
         model.__class__ = next(c for c in type(model).__mro__[1:] if not issubclass(c, _AdjointFeatures))
     model.__dict__.pop(_STEM_KEY, None)
     model.__dict__.pop(_STEM_KEY + "_gradient", None)
+    model.__dict__.pop(_POLICY_KEY, None)
     return model

@@ -1,0 +1,150 @@
+"""Gradient fidelity: a stage's gradient against exact backprop, on one batch, with no side effects.
+
+One module serves ``diagnose``, the auto policy and the Lightning fidelity callback, so all three compare
+against the same exact reference (plain autograd through every converted stage) in the same way:
+cosine similarity and relative L2 error of the concatenated parameter gradients, measured in training
+mode, with every BatchNorm buffer, the train/eval flags, ``.grad`` and the global random state left as
+they were, and the same dropout / drop-path draws for the method under test and the reference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adjoint import AdjointSequential
+
+_LOSS_SEED = 1234
+_RUN_SEED = 4321
+
+
+def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``images`` or ``(images, targets, …)`` → (images, targets or None)."""
+    if isinstance(batch, torch.Tensor):
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) >= 1 and isinstance(batch[0], torch.Tensor):
+        targets = batch[1] if len(batch) > 1 and isinstance(batch[1], torch.Tensor) else None
+        return batch[0], targets
+    raise TypeError(f"expected images or (images, targets) tensors, got {type(batch).__name__}")
+
+
+def calibration_loss(outputs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+    """Cross-entropy with the targets; without them, cross-entropy with fixed pseudo-labels.
+
+    Pseudo-labels give the cotangent a training loss has (softmax minus a one-hot), which a fidelity
+    measure should see, rather than an arbitrary direction.
+    """
+    outputs = outputs.float()
+    if targets is None or targets.dtype.is_floating_point and targets.dim() != 1:
+        gen = torch.Generator().manual_seed(_LOSS_SEED)
+        targets = torch.randint(0, outputs.shape[-1], (outputs.shape[0],), generator=gen).to(outputs.device)
+    return F.cross_entropy(outputs, targets)
+
+
+def unique_params(module: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters, each once (tied weights appear once)."""
+    seen: dict[int, nn.Parameter] = {}
+    for p in module.parameters():
+        if p.requires_grad:
+            seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+@contextlib.contextmanager
+def side_effect_free(model: nn.Module, *, train: bool = True) -> Iterator[None]:
+    """Measure in training mode; afterwards buffers, train/eval flags and the global RNG are as before."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    modes = [(m, m.training) for m in model.modules()]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        if train:
+            model.train()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in buffers:
+                    buffer.copy_(value)
+            for module, training in modes:
+                module.training = training
+
+
+def gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, params: Sequence[nn.Parameter] | None = None) -> dict[int, torch.Tensor]:
+    """Parameter gradients of one training step, by parameter id (``.grad`` untouched; same random draws)."""
+    params = unique_params(model) if params is None else list(params)
+    torch.manual_seed(_RUN_SEED)
+    loss = calibration_loss(model(images), targets)
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return {id(p): (torch.zeros_like(p) if g is None else g).detach() for p, g in zip(params, grads)}
+
+
+def compare(grads: dict[int, torch.Tensor], exact: dict[int, torch.Tensor], params: Sequence[nn.Parameter]) -> tuple[float, float]:
+    """Cosine similarity and relative L2 error of the concatenated gradients of ``params``.
+
+    With no parameters (a frozen stage) there is nothing to compare: (1.0, 0.0), never NaN.
+    """
+    params = [p for p in params if id(p) in exact]
+    if not params:
+        return 1.0, 0.0
+    g = torch.cat([grads[id(p)].flatten().double() for p in params])
+    e = torch.cat([exact[id(p)].flatten().double() for p in params])
+    e_norm, g_norm = e.norm(), g.norm()
+    if e_norm == 0 or g_norm == 0:
+        return float(torch.equal(g, e)), float(g_norm) if e_norm == 0 else 1.0
+    return float(F.cosine_similarity(g, e, dim=0)), float((g - e).norm() / e_norm)
+
+
+@contextlib.contextmanager
+def exact_stages(stages: dict[str, AdjointSequential]) -> Iterator[None]:
+    """Temporarily give every stage plain autograd: the one exact reference (and the backprop memory baseline)."""
+    previous = {name: (stage.gradient, stage.fallback) for name, stage in stages.items()}
+    try:
+        for stage in stages.values():
+            stage.configure(gradient="backprop")
+        yield
+    finally:
+        for name, stage in stages.items():
+            gradient, fallback = previous[name]
+            stage.configure(gradient=gradient)
+            stage.fallback = fallback
+
+
+def exact_gradients(model: nn.Module, stages: dict[str, AdjointSequential], images: torch.Tensor, targets: torch.Tensor | None, params: Sequence[nn.Parameter] | None = None) -> dict[int, torch.Tensor]:
+    with exact_stages(stages):
+        return gradients(model, images, targets, params)
+
+
+@contextlib.contextmanager
+def no_fallback(stages: dict[str, AdjointSequential]) -> Iterator[None]:
+    """Measure a method as it is: an exact fallback would hide exactly what is being measured."""
+    previous = {name: stage.fallback for name, stage in stages.items()}
+    try:
+        for stage in stages.values():
+            stage.fallback = False
+        yield
+    finally:
+        for name, stage in stages.items():
+            stage.fallback = previous[name]
+
+
+def stage_fidelity(model: nn.Module, stages: dict[str, AdjointSequential], images: torch.Tensor, targets: torch.Tensor | None) -> dict[str, tuple[float, float]]:
+    """``{"": whole model, stage name: that stage's parameters}`` → (cosine, relative error) vs exact backprop.
+
+    Runs in training mode without side effects; stages without trainable parameters (frozen) are left out.
+    """
+    params = unique_params(model)
+    with side_effect_free(model):
+        with no_fallback(stages):
+            approx = gradients(model, images, targets, params)
+        exact = exact_gradients(model, stages, images, targets, params)
+    result = {"": compare(approx, exact, params)}
+    for name, stage in stages.items():
+        stage_params = unique_params(stage)
+        if stage_params:
+            result[name] = compare(approx, exact, stage_params)
+    return result

@@ -1,0 +1,291 @@
+"""The auto policy: per stage, the method with the lowest peak memory whose gradient is measurably right.
+
+A normally trained checkpoint is not ODE-like (large residuals, a ReLU after each sum): reconstructing its
+activations backwards gives wrong gradients on some stages and fine ones on others, and which is which
+depends on the weights. So it is measured, on the model's own training batches:
+
+1. *Calibration* (first training step, then every ``recheck_every`` steps): on a few images of the batch,
+   the exact gradient (plain autograd) is the reference. Stages are decided from the output side down,
+   each with the stages above already set, trying the methods of ``AUTO_CANDIDATES`` from the least peak
+   memory to the most; the first whose stage *and* whole-model gradient cosine reach ``min_cosine`` wins.
+   ``block`` (exact) always qualifies.
+2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
+   input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
+   or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
+   ``ReconstructionError`` reaches the user) and the stage is recalibrated at the next step.
+3. Every decision is kept in ``decisions`` (and logged with the ``logging`` module), with its reason.
+
+An explicit method (``to_adjoint(model, scheme="euler_fast")``) is never changed, but it is checked once
+the same way, and a stage whose gradient cosine is below ``min_cosine`` gets a loud warning.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adjoint import AdjointError, AdjointSequential, ReconstructionError
+from .adjoint.methods import METHODS, get_method
+from .fidelity import compare, exact_gradients, gradients, no_fallback, side_effect_free, split_batch, unique_params
+
+log = logging.getLogger("lightning_resode.policy")
+
+#: What auto tries, from the least peak memory to the most. A pretrained timm ResNet *is* an Euler network,
+#: so only Euler reconstructions; float16 inputs before bfloat16 (same memory, 8x finer rounding, bfloat16
+#: only when float16 overflows); ``block`` is exact and always qualifies.
+AUTO_CANDIDATES: tuple[str, ...] = ("euler_fast", "euler", "block_fp16", "block_bf16", "block")
+#: the reconstruction error bound between calibrations: this many times the calibrated error, at least the floor
+ERROR_GROWTH = 4.0
+ERROR_FLOOR = 1e-3
+
+
+@dataclass
+class PolicyDecision:
+    """One stage's method and why (one row of the policy's log)."""
+
+    stage: str
+    method: str
+    step: int
+    grad_cosine: float
+    model_grad_cosine: float
+    reason: str
+    #: the reconstruction error at calibration (None for stored-input methods)
+    reconstruction_error: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StagePolicy:
+    """Measures and sets the methods of some converted stages of one model (see module docstring).
+
+    Args:
+        stages: the stages it manages, by public name, input side first.
+        mode: ``"auto"`` picks methods; ``"check"`` only measures the methods as set, and warns.
+        min_cosine: the gradient fidelity every method must reach (stage and whole model).
+        recheck_every: recalibrate every this many training steps (0: only at the first step and after a
+            fallback).
+        sample_images: images of a batch used to calibrate.
+        candidates: methods auto tries, cheapest first.
+    """
+
+    stages: dict[str, AdjointSequential]
+    mode: str = "auto"
+    min_cosine: float = 0.99
+    recheck_every: int = 500
+    sample_images: int = 8
+    candidates: tuple[str, ...] = AUTO_CANDIDATES
+    decisions: list[PolicyDecision] = field(default_factory=list)
+    step: int = 0
+    #: ``sync(methods) -> methods``: make every process use the same decisions (rank 0's; set under DDP)
+    sync: Callable[[dict[str, str]], dict[str, str]] | None = None
+    #: the caller runs ``before_step`` itself with real targets (the Lightning module); the model must not
+    external: bool = False
+    _pending: set[str] = field(default_factory=set)
+    _calibrating: bool = False
+    _checked: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "check"):
+            raise ValueError(f"policy mode must be 'auto' or 'check', got {self.mode!r}")
+        if not 0.0 < self.min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
+        if self.recheck_every < 0:
+            raise ValueError(f"recheck_every must be >= 0 (0: never), got {self.recheck_every}")
+        if self.sample_images < 2:
+            raise ValueError(f"sample_images must be >= 2 (BatchNorm needs two), got {self.sample_images}")
+        unknown = [c for c in self.candidates if c not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown candidate method(s) {unknown}; valid: {list(METHODS)}")
+        for stage in self.stages.values():
+            stage.on_fallback = self._on_fallback
+        if self.mode == "auto":
+            self._pending = set(self.stages)
+
+    # ------------------------------------------------------------------ when to measure
+    def due(self) -> bool:
+        """Whether the next training step should calibrate first."""
+        if self.mode == "check":
+            return not self._checked
+        if self._pending:
+            return True
+        return self.recheck_every > 0 and self.step > 0 and self.step % self.recheck_every == 0
+
+    def before_step(self, model: nn.Module, batch: Any) -> None:
+        """Call before each training forward (the converted model does, and the Lightning module)."""
+        if self._calibrating:
+            return
+        if self.due():
+            self.calibrate(model, batch)
+        self.step += 1
+
+    def _on_fallback(self, stage: AdjointSequential, reason: str) -> None:
+        name = next((n for n, s in self.stages.items() if s is stage), stage.display_name)
+        log.warning("stage %s: %s; this step's gradient was recomputed exactly, recalibrating", name, reason)
+        if self.mode == "auto":
+            self._pending.add(name)
+
+    # ------------------------------------------------------------------ calibration
+    def calibrate(self, model: nn.Module, batch: Any) -> list[PolicyDecision]:
+        """Measure on (a few images of) ``batch`` and set or check each stage's method; returns new decisions."""
+        images, targets = split_batch(batch)
+        images = images[: self.sample_images]
+        targets = None if targets is None else targets[: self.sample_images]
+        if images.shape[0] < 2:
+            raise ValueError(f"calibration needs at least 2 images (BatchNorm), got {images.shape[0]}")
+        self._calibrating = True
+        try:
+            if self.mode == "check":
+                new = self._check(model, images, targets)
+                self._checked = True
+            else:
+                new = self._choose(model, images, targets)
+                self._pending.clear()
+        finally:
+            self._calibrating = False
+        self.decisions.extend(new)
+        return new
+
+    def _choose(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> list[PolicyDecision]:
+        params = unique_params(model)
+        stages = self.stages
+        new: list[PolicyDecision] = []
+        with side_effect_free(model), no_fallback(stages):
+            exact = exact_gradients(model, stages, images, targets, params)
+            previous = {name: stage.method for name, stage in stages.items()}
+            for stage in stages.values():
+                stage.configure(method="block")
+            for name in reversed(list(stages)):
+                stage = stages[name]
+                decision = self._choose_stage(model, name, stage, images, targets, params, exact)
+                if decision.method != previous[name] or not any(d.stage == name for d in self.decisions):
+                    new.append(decision)
+        methods = {name: stage.method for name, stage in stages.items()}
+        if self.sync is not None:
+            methods = self.sync(methods)
+        for name, method in methods.items():
+            self._apply(name, method)
+        for decision in new:
+            log.info("stage %s: %s", decision.stage, decision.reason)
+        return new[::-1]
+
+    def _choose_stage(self, model, name, stage, images, targets, params, exact) -> PolicyDecision:  # noqa: ANN001
+        stage_params = unique_params(stage)
+        tried: list[str] = []
+        for method in self.candidates:
+            spec = get_method(method)
+            if spec.exact:
+                stage.configure(method=method)
+                reason = f"{method}: exact" + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
+                return PolicyDecision(name, method, self.step, 1.0, 1.0, reason)
+            try:
+                stage.configure(method=method)
+                keep = stage.keep_input
+                stage.keep_input = True
+                try:
+                    grads = gradients(model, images, targets, params)
+                finally:
+                    stage.keep_input = keep
+            except (ReconstructionError, AdjointError, ValueError) as err:
+                tried.append(f"{method} failed ({type(err).__name__})")
+                continue
+            cosine, _ = compare(grads, exact, stage_params)
+            model_cosine, _ = compare(grads, exact, params)
+            if math.isfinite(cosine) and min(cosine, model_cosine) >= self.min_cosine:
+                report = stage.last_backward
+                error = report.reconstruction_error if report is not None else None
+                if spec.gradient == "adjoint" and error is not None:
+                    stage.max_reconstruction_error = max(ERROR_GROWTH * error, ERROR_FLOOR)
+                reason = (
+                    f"{method}: gradient cosine {cosine:.5f} (stage), {model_cosine:.5f} (model) >= {self.min_cosine}"
+                    + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
+                )
+                return PolicyDecision(name, method, self.step, cosine, model_cosine, reason, error)
+            tried.append(f"{method} {min(cosine, model_cosine):.4f}")
+        stage.configure(method="block")
+        return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached {self.min_cosine} ({', '.join(tried)})")
+
+    def _apply(self, name: str, method: str) -> None:
+        stage = self.stages[name]
+        stage.configure(method=method)
+        # a reconstruction is watched every step: an exact recomputation replaces a bad one
+        stage.fallback = get_method(method).gradient == "adjoint"
+
+    def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> list[PolicyDecision]:
+        params = unique_params(model)
+        stages = {n: s for n, s in self.stages.items() if not get_method(s.method).exact}
+        new: list[PolicyDecision] = []
+        if not stages:
+            return new
+        with side_effect_free(model), no_fallback(self.stages):
+            exact = exact_gradients(model, self.stages, images, targets, params)
+            try:
+                grads = gradients(model, images, targets, params)
+            except (ReconstructionError, AdjointError) as err:
+                grads, failure = None, f"{type(err).__name__}: {err}"
+        for name, stage in stages.items():
+            if grads is None:
+                cosine = model_cosine = float("nan")
+                reason = f"{stage.method} (explicit): the check step failed: {failure}"
+            else:
+                cosine, _ = compare(grads, exact, unique_params(stage))
+                model_cosine, _ = compare(grads, exact, params)
+                reason = f"{stage.method} (explicit): gradient cosine {cosine:.5f} (stage), {model_cosine:.5f} (model)"
+            decision = PolicyDecision(name, stage.method, self.step, cosine, model_cosine, reason)
+            new.append(decision)
+            if not min(cosine, model_cosine) >= self.min_cosine:
+                warnings.warn(
+                    f"stage {name}: scheme {stage.method!r} gives a gradient cosine of {cosine:.4f} (stage) / "
+                    f"{model_cosine:.4f} (whole model) against exact backprop on this batch, below {self.min_cosine}: "
+                    "its gradients are wrong for these weights. Use scheme='auto' (measures and picks per stage) "
+                    "or a stored-input method ('block_fp16', 'block')",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            else:
+                log.info("stage %s: %s", name, reason)
+        return new
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Methods and decisions, so a resumed run continues with the same networks' gradients."""
+        return {
+            "methods": {name: stage.method for name, stage in self.stages.items()},
+            "bounds": {name: stage.max_reconstruction_error for name, stage in self.stages.items()},
+            "decisions": [d.as_dict() for d in self.decisions],
+            "step": self.step,
+            "pending": sorted(self._pending),
+            "checked": self._checked,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name, method in state.get("methods", {}).items():
+            if name in self.stages:
+                if self.mode == "auto":
+                    self._apply(name, method)
+        for name, bound in state.get("bounds", {}).items():
+            if name in self.stages:
+                self.stages[name].max_reconstruction_error = float(bound)
+        self.decisions = [PolicyDecision(**d) for d in state.get("decisions", [])]
+        self.step = int(state.get("step", 0))
+        self._pending = set(state.get("pending", [])) & set(self.stages)
+        self._checked = bool(state.get("checked", False))
+
+    def methods(self) -> dict[str, str]:
+        return {name: stage.method for name, stage in self.stages.items()}
+
+
+def methods_table(decisions: Sequence[PolicyDecision]) -> str:
+    """A markdown table of decisions (what ``diagnose`` and the CLI print)."""
+    lines = ["| step | stage | method | grad cosine (stage) | grad cosine (model) | reason |", "|---|---|---|---|---|---|"]
+    for d in decisions:
+        lines.append(f"| {d.step} | {d.stage} | {d.method} | {d.grad_cosine:.5f} | {d.model_grad_cosine:.5f} | {d.reason} |")
+    return "\n".join(lines)
