@@ -1,7 +1,7 @@
 """A run's report from its CSV logs: PNG plots and one self-contained ``report.html``.
 
 Everything a run logged is in plain files under its root (Lightning's ``CSVLogger`` writes
-``csv/version_N/metrics.csv``, ``FitSummary`` writes ``summary.json`` next to it), so the report works
+``csv/version_N/metrics.csv`` for each command, ``FitSummary`` writes ``summary.json`` next to fit's), so it works
 offline and without a W&B account. It reads no Lightning state and imports no Lightning code.
 
     lightning-resode report runs/quickstart            # -> runs/quickstart/report/report.html
@@ -29,20 +29,26 @@ Series = dict[str, list[tuple[int, float]]]
 
 @dataclass
 class RunLogs:
-    """The files one run left behind (``metrics`` is the CSV the report plots)."""
+    """The files one run directory holds.
 
-    metrics: Path
+    ``training``: the ``fit`` logs, oldest first (a resumed fit continues in a new ``version_N`` folder);
+    ``evaluations``: logs of ``validate``/``test`` runs, whose final metrics join the table.
+    """
+
+    training: list[Path]
+    evaluations: list[Path] = field(default_factory=list)
     summary: Path | None = None
     policy_files: list[Path] = field(default_factory=list)
-    other_metrics: list[Path] = field(default_factory=list)
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as handle:
+        return next(csv.reader(handle), [])
 
 
 def find_run_logs(run_dir: str | Path) -> RunLogs:
-    """Find the newest ``metrics.csv`` under ``run_dir`` (a run root or one ``csv/version_N`` folder).
-
-    A run root may hold several versions (one per ``fit``/``test`` call); the newest one is reported and the
-    others are listed, so pointing at a version folder picks another.
-    """
+    """Every ``metrics.csv`` under ``run_dir`` (a run root or one ``csv/version_N`` folder), sorted into the
+    training logs (they have ``train/`` metrics) and the evaluation logs, oldest first."""
     root = Path(run_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"run directory {str(root)!r} does not exist")
@@ -53,35 +59,61 @@ def find_run_logs(run_dir: str | Path) -> RunLogs:
             "(the CSV logger is always on); pass the run's trainer.default_root_dir or one of its version folders"
         )
     found.sort(key=lambda p: (p.stat().st_mtime, str(p)))
-    metrics = found[-1]
-    summary = metrics.parent / "summary.json"
-    if not summary.is_file():
+    training = [p for p in found if any(name.startswith("train/") for name in _header(p))]
+    evaluations = [p for p in found if p not in training]
+    if not training:  # only evaluation runs: report those
+        training, evaluations = evaluations, []
+    summaries = [p.parent / "summary.json" for p in training if (p.parent / "summary.json").is_file()]
+    if not summaries:
         summaries = sorted(root.rglob("summary.json"), key=lambda p: p.stat().st_mtime)
-        summary = summaries[-1] if summaries else None
-    policy_files = sorted(
-        {p for pattern in _POLICY_FILE_PATTERNS for folder in {metrics.parent, root} for p in folder.glob(pattern)}
-    )
-    return RunLogs(metrics=metrics, summary=summary, policy_files=policy_files, other_metrics=found[:-1])
+    folders = {root} | {p.parent for p in training}
+    policy_files = sorted({p for pattern in _POLICY_FILE_PATTERNS for folder in folders for p in folder.glob(pattern)})
+    return RunLogs(training, evaluations, summaries[-1] if summaries else None, policy_files)
 
 
-def read_metrics(path: str | Path) -> Series:
-    """``{metric: [(step, value), …]}`` from a ``CSVLogger`` file (blank cells: not logged in that row)."""
+def _read_csv(path: Path) -> Series:
     series: Series = {}
     with open(path, newline="") as handle:
         for row in csv.DictReader(handle):
-            step_text = row.get("step") or ""
             try:
-                step = int(float(step_text))
+                step = int(float(row.get("step") or ""))
             except ValueError:
                 continue
             for name, text in row.items():
                 if name in ("step", "epoch") or name is None or text in ("", None):
                     continue
                 try:
-                    value = float(text)
+                    series.setdefault(name, []).append((step, float(text)))
                 except ValueError:
                     continue
-                series.setdefault(name, []).append((step, value))
+    return series
+
+
+def read_metrics(paths: str | Path | list[Path]) -> Series:
+    """``{metric: [(step, value), …]}`` from ``CSVLogger`` files, oldest first (blank cells: not logged there).
+
+    A later file continues the earlier ones from its first step on: a resumed fit replaces what the
+    interrupted one logged after the checkpoint, and a fresh fit in the same directory (step 0) replaces all.
+    """
+    merged: Series = {}
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        series = _read_csv(Path(path))
+        steps = [step for points in series.values() for step, _ in points]
+        if not steps:
+            continue
+        first = min(steps)
+        merged = {name: [(s, v) for s, v in points if s < first] for name, points in merged.items()}
+        for name, points in series.items():
+            merged.setdefault(name, []).extend(points)
+    return {name: points for name, points in merged.items() if points}
+
+
+def _evaluation_metrics(logs: RunLogs, root: Path) -> Series:
+    """Final figures of ``validate``/``test`` runs, named after their folder when fit logged the same name."""
+    series: Series = {}
+    for path in logs.evaluations:
+        for name, points in _read_csv(path).items():
+            series[name if name.startswith("test/") else f"{name} ({_shown(path.parent, root)})"] = points
     return series
 
 
@@ -268,7 +300,7 @@ def _shown(path: Path, root: Path) -> str:
 def _html(title: str, root: Path, logs: RunLogs, summary: dict[str, Any], series: Series, figures: list[tuple[str, str, Path]]) -> str:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
     parts.append(f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
-    sources = [logs.metrics] + ([logs.summary] if logs.summary else []) + logs.policy_files
+    sources = logs.training + logs.evaluations + ([logs.summary] if logs.summary else []) + logs.policy_files
     parts.append("<p>Read from " + ", ".join(f"<code>{html.escape(_shown(p, root))}</code>" for p in sources) + ".</p>")
     if summary:
         parts.append("<h2>Summary</h2>" + _table([[k, v] for k, v in summary.items()], ["figure", "value"]))
@@ -288,9 +320,6 @@ def _html(title: str, root: Path, logs: RunLogs, summary: dict[str, Any], series
         values = [v for _, v in series[name]]
         rows.append([name, len(values), values[-1], min(values), max(values), series[name][-1][0]])
     parts.append("<h2>Logged metrics</h2>" + _table(rows, ["metric", "points", "last", "min", "max", "last step"]))
-    if logs.other_metrics:
-        others = ", ".join(f"<code>{html.escape(_shown(p, root))}</code>" for p in logs.other_metrics)
-        parts.append(f"<p>Older logs in the same run directory (pass one's folder to report it): {others}</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -302,9 +331,10 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     Returns the path of ``report.html``.
     """
     logs = find_run_logs(run_dir)
-    series = read_metrics(logs.metrics)
+    series = read_metrics(logs.training)
     if not series:
-        raise ValueError(f"{str(logs.metrics)!r} holds no metric values yet (did the run log at least one step?)")
+        names = [str(p) for p in logs.training]
+        raise ValueError(f"{names} hold no metric values yet (did the run log at least one step?)")
     summary: dict[str, Any] = {}
     if logs.summary is not None:
         try:
@@ -323,5 +353,6 @@ def write_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         figures.append((name, caption, path))
     report = out / "report.html"
     title = f"lightning-resode run: {Path(run_dir).resolve().name}"
-    report.write_text(_html(title, Path(run_dir), logs, summary, series, figures))
+    table = {**series, **_evaluation_metrics(logs, Path(run_dir))}
+    report.write_text(_html(title, Path(run_dir), logs, summary, table, figures))
     return report
