@@ -132,13 +132,15 @@ def _plot_lines(ax: Any, series: Series, names: list[str], transform: Any = None
         if transform is not None:
             values = tuple(transform(v) for v in values)
         baseline = "backprop" in name
+        aggregate = any(other.startswith(name + "/") for other in names)  # adjoint/grad_cosine over its stages
         ax.plot(
             steps,
             values,
             linestyle="--" if baseline else "-",
             marker="o" if len(steps) <= 30 else None,
             markersize=3,
-            label=name + (" (baseline)" if baseline else ""),
+            **({"color": "black", "linewidth": 2.0} if aggregate else {}),
+            label=name + (" (baseline)" if baseline else " (all stages)" if aggregate else ""),
         )
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)
@@ -190,10 +192,12 @@ def _memory(series: Series, summary: dict[str, Any]) -> Any | None:
             ax.set_title(f"activations kept for backward: {backprop / ours:.1f}× less" if ours else "activations")
         elif panel == "activations":
             _plot_lines(ax, series, activations)
+            ax.set_ylim(bottom=0)
             ax.set_ylabel("MiB / image")
             ax.set_title("saved activations (dashed: plain backprop)")
         else:
             _plot_lines(ax, series, other)
+            ax.set_ylim(bottom=0)
             ax.set_ylabel("MiB")
             ax.set_title("peak memory" + ("" if any("backprop" in n for n in other) else " (no backprop peak logged)"))
     return fig
