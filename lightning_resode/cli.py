@@ -121,6 +121,12 @@ class ResodeCLI(LightningCLI):
         if self.diagnose_mode:
             _hide_from_help(self.parser, _DIAGNOSE_SECTIONS)
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand != "fit" and config.get("ckpt_path") and config["model"].get("pretrained"):
+            # the checkpoint's weights replace the hub's: evaluating a fine-tuned model needs no download
+            config["model"]["pretrained"] = False
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.diagnose_mode:
             return None  # type: ignore[return-value]  # diagnose runs the model itself, no Trainer needed

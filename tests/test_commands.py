@@ -73,9 +73,10 @@ def test_diagnose_help_is_short_and_names_what_matters(capsys: pytest.CaptureFix
 
 
 # ---------------------------------------------------------------------------------------------- commands
-def test_predict_writes_topk_with_class_names(run_dir: Path) -> None:
+def test_predict_writes_topk_with_class_names(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # pretrained=true with a checkpoint: its weights, no hub needed
     main(["predict", *QUICK, f"--trainer.default_root_dir={run_dir}", "--ckpt_path=last", "--prediction.top_k=3",
-          "--trainer.limit_predict_batches=2"])
+          "--trainer.limit_predict_batches=2", "--model.pretrained=true"])
     rows = _rows(run_dir / "predictions.csv")
     assert len(rows) == 2 * 64  # the digits predict their validation split, 64 per batch
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))

@@ -109,7 +109,7 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
     """
 
     num_classes = 10
-    class_names = [str(digit) for digit in range(10)]
+    class_names = tuple(str(digit) for digit in range(10))
 
     def __init__(
         self,
