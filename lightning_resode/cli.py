@@ -56,7 +56,7 @@ def _checkpoint_dir(root_dir: str | None) -> str:
 
 
 def _diagnose_options(batch_images: int = 8, output: str | None = None) -> None:
-    """Options of ``lightning-resode diagnose``.
+    """What diagnose runs on: one batch of the recipe's training data.
 
     Args:
         batch_images: how many images of one training batch the per-stage diagnosis runs on.
