@@ -1,19 +1,24 @@
-"""lightning-resode: fine-tune timm ResNets with memory-free stages (fit, validate, test, predict, diagnose).
+"""lightning-resode: fine-tune timm ResNets with memory-free stages (fit, validate, test, predict, diagnose, report).
 
     lightning-resode fit --config recipes/quickstart.yaml [--trainer.max_epochs=3 --model.scheme=heun …]
     lightning-resode fit --config recipes/quickstart.yaml --ckpt_path last        # resume
-    lightning-resode diagnose --config recipes/quickstart.yaml [--diagnose.output diag.json]
+    lightning-resode predict --config recipes/quickstart.yaml --ckpt_path last    # -> <root>/predictions.csv
+    lightning-resode diagnose --config recipes/quickstart.yaml [--ckpt_path last] [--diagnose.output diag.json]
+    lightning-resode report runs/quickstart                                        # -> runs/quickstart/report/
 
 The recipe is the source of truth: every option is a typed constructor argument, parsed (and rejected,
 naming the bad key or value) before anything trains. Besides ``trainer``/``model``/``data``, a recipe has
-``memory``, ``fidelity``, ``reconstruction`` and ``checkpoint`` (the callbacks) and ``logging`` (loggers).
+``memory``, ``fidelity``, ``reconstruction``, ``checkpoint`` and ``prediction`` (the callbacks) and ``logging``
+(loggers).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
@@ -26,8 +31,23 @@ from .lit import data as _data  # noqa: F401  (makes the DataModules resolvable 
 from .lit.callbacks import FitSummary, GradientFidelity, InterruptCheckpoint, MemoryMonitor, ReconstructionMonitor
 from .lit.loggers import build_loggers
 from .lit.module import ResodeClassifier
+from .lit.prediction import PredictionWriter
+from .pretrained import PretrainedWeightsUnavailable
 
 _DIAGNOSE = "diagnose"
+_REPORT = "report"
+_PROG = "lightning-resode"
+# every command, in the order `lightning-resode --help` lists them; the first four are LightningCLI's
+_COMMANDS: dict[str, str] = {
+    "fit": "train and validate a model from a recipe (checkpoints, CSV and W&B logs, summary.json)",
+    "validate": "evaluate the validation split",
+    "test": "evaluate the test split (the validation split, with a warning, when the data has none)",
+    "predict": "write the top-k classes of every image to predictions.csv in the run directory",
+    _DIAGNOSE: "per-stage reconstruction error, gradient fidelity and saved memory on one real batch",
+    _REPORT: "plots and a self-contained report.html from a run's CSV logs",
+}
+# what `diagnose --help` shows; the recipe's other sections are accepted (one recipe serves every command)
+_DIAGNOSE_SECTIONS = ("help", "config", "print_config", "seed_everything", "model", "data", _DIAGNOSE, "ckpt_path")
 
 
 def _checkpoint_dir(root_dir: str | None) -> str:
@@ -36,12 +56,22 @@ def _checkpoint_dir(root_dir: str | None) -> str:
 
 
 def _diagnose_options(batch_images: int = 8, output: str | None = None) -> None:
-    """Options of ``lightning-resode diagnose``.
+    """What diagnose runs on: one batch of the recipe's training data.
 
     Args:
         batch_images: how many images of one training batch the per-stage diagnosis runs on.
         output: also write the records as JSON to this path.
     """
+
+
+def _hide_from_help(parser: LightningArgumentParser, keep: tuple[str, ...]) -> None:
+    """Leave only the ``keep`` sections in ``--help``; the others still parse (a recipe has them all)."""
+    for action in parser._actions:
+        if action.dest.split(".")[0] not in keep:
+            action.help = argparse.SUPPRESS
+    for name, group in parser.groups.items():
+        if name.split(".")[0] not in keep:
+            group.title, group.description = None, None
 
 
 class _SaveConfigToLoggers(SaveConfigCallback):
@@ -63,6 +93,7 @@ class ResodeCLI(LightningCLI):
         parser.add_lightning_class_args(GradientFidelity, "fidelity")
         parser.add_lightning_class_args(ReconstructionMonitor, "reconstruction")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -77,15 +108,33 @@ class ResodeCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         if self.diagnose_mode:
             parser.add_function_arguments(_diagnose_options, _DIAGNOSE)
+            parser.add_argument(
+                "--ckpt_path",
+                type=str | None,
+                default=None,
+                help="diagnose the weights of this Lightning checkpoint of the recipe's model ('last': "
+                "<default_root_dir>/checkpoints/last.ckpt); default: the recipe's initial weights",
+            )
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict[str, Any], subparser_kwargs: dict[str, Any]) -> None:
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
+        if self.diagnose_mode:
+            _hide_from_help(self.parser, _DIAGNOSE_SECTIONS)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand != "fit" and config.get("ckpt_path") and config["model"].get("pretrained"):
+            # the checkpoint's weights replace the hub's: evaluating a fine-tuned model needs no download
+            config["model"]["pretrained"] = False
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        if self.diagnose_mode:
+            return None  # type: ignore[return-value]  # diagnose runs the model itself, no Trainer needed
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
-        if trainer_config.get("logger") in (None, True) and not self.diagnose_mode:
+        if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = build_loggers(root, **config["logging"].as_dict())
-        elif self.diagnose_mode:
-            kwargs["logger"] = False
         extra = [FitSummary(), InterruptCheckpoint()]
         if trainer_config.get("enable_progress_bar") is not False:
             extra.append(RichProgressBar())
@@ -94,7 +143,7 @@ class ResodeCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def _make_cli(args: list[str] | None, *, run: bool) -> ResodeCLI:
+def _make_cli(args: list[str] | None, *, run: bool, parser_kwargs: dict[str, Any] | None = None) -> ResodeCLI:
     return ResodeCLI(
         ResodeClassifier,
         LightningDataModule,
@@ -103,9 +152,34 @@ def _make_cli(args: list[str] | None, *, run: bool) -> ResodeCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
-        parser_kwargs={"description": __doc__.split("\n")[0]} if run else None,
+        parser_kwargs=parser_kwargs or {"prog": _PROG, "description": __doc__.split("\n")[0]},
         auto_configure_optimizers=False,
     )
+
+
+def _resolve_checkpoint(ckpt_path: str, root_dir: str | None) -> Path:
+    path = Path(_checkpoint_dir(root_dir)) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if not path.is_file():
+        raise SystemExit(f"{_PROG} diagnose: error: checkpoint {str(path)!r} does not exist (a path, or 'last')")
+    return path
+
+
+def _load_checkpoint_weights(model: ResodeClassifier, path: Path) -> None:
+    """The network weights of one of our Lightning checkpoints (tensors only: ``weights_only=True``)."""
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True).get("state_dict", {})
+    prefix = "model."
+    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not weights:
+        raise SystemExit(f"{_PROG} diagnose: error: {str(path)!r} is not a lightning-resode checkpoint (no model.* weights)")
+    try:
+        model.model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise SystemExit(
+            f"{_PROG} diagnose: error: {str(path)!r} does not fit the recipe's model "
+            f"({model.hparams.model_name}, {model.hparams.num_classes} classes): {err}"
+        ) from None
 
 
 def _diagnose(args: list[str]) -> None:
@@ -116,31 +190,84 @@ def _diagnose(args: list[str]) -> None:
     try:
         with warnings.catch_warnings():  # args are sys.argv minus "diagnose", on purpose
             warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
-            cli = _make_cli(args, run=False)
+            cli = _make_cli(args, run=False, parser_kwargs={"prog": f"{_PROG} {_DIAGNOSE}", "description": _diagnose.__doc__})
     finally:
         ResodeCLI.diagnose_mode = False
     options = cli.config[_DIAGNOSE]
+    if cli.config.get("ckpt_path"):
+        path = _resolve_checkpoint(cli.config["ckpt_path"], cli.config["trainer"].get("default_root_dir"))
+        _load_checkpoint_weights(cli.model, path)
+        print(f"diagnosing the weights of {path}")
     datamodule = cli.datamodule
     datamodule.prepare_data()
     datamodule.setup("fit")
     images, targets = next(iter(datamodule.train_dataloader()))
     model = cli.model.model
     if not adjoint_stages(model):
-        raise SystemExit("diagnose: the recipe converts no stage (model.stages is empty)")
-    model.train()
-    records = diagnose(model, (images[: options.batch_images], targets[: options.batch_images]))
+        raise SystemExit(f"{_PROG} diagnose: error: the recipe converts no stage (model.stages is empty)")
+    device = _diagnose_device(cli.config["trainer"].get("accelerator"))
+    model.to(device).train()
+    batch = (images[: options.batch_images].to(device), targets[: options.batch_images].to(device))
+    records = diagnose(model, batch)
     print(diagnose_table(records))
     if options.output:
         print(f"wrote {write_diagnosis_json(records, options.output)}")
 
 
+def _diagnose_device(accelerator: Any) -> str:
+    """The recipe's GPU when it asks for one (or ``auto``) and one is there; the CPU otherwise."""
+    import torch
+
+    wants_gpu = str(accelerator or "auto") in ("auto", "gpu", "cuda")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def _report(args: list[str]) -> None:
+    """Render a run's logged metrics as PNG plots and one self-contained report.html."""
+    from .report import write_report
+
+    parser = argparse.ArgumentParser(prog=f"{_PROG} {_REPORT}", description=_report.__doc__)
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's trainer.default_root_dir (e.g. runs/quickstart) or one csv/version_N folder")
+    parser.add_argument("--output", metavar="DIR", default=None, help="where to write the plots and report.html (default: RUN_DIR/report)")
+    options = parser.parse_args(args)
+    try:
+        report = write_report(options.run_dir, options.output)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"{_PROG} {_REPORT}: error: {err}") from None
+    print(f"wrote {report} (plots next to it)")
+
+
+def _usage() -> argparse.ArgumentParser:
+    """The top-level help: every command, including the two that are not LightningCLI subcommands."""
+    parser = argparse.ArgumentParser(
+        prog=_PROG,
+        description=__doc__.split("\n")[0],
+        epilog=f"Run `{_PROG} COMMAND --help` for a command's options, e.g. `{_PROG} fit --help`.",
+    )
+    commands = parser.add_subparsers(title="commands", metavar="{" + ",".join(_COMMANDS) + "}")
+    for name, text in _COMMANDS.items():
+        commands.add_parser(name, help=text, add_help=False)
+    return parser
+
+
 def main(args: list[str] | None = None) -> None:
-    """Console-script entry point: LightningCLI subcommands, or ``diagnose``."""
+    """Console-script entry point: LightningCLI's subcommands, ``diagnose`` and ``report``."""
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == _DIAGNOSE:
-        _diagnose(argv[1:])
-        return
-    cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
+    if not argv or argv[0] in ("-h", "--help"):
+        _usage().print_help()
+        raise SystemExit(0 if argv else 2)
+    if not argv[0].startswith("-") and argv[0] not in _COMMANDS:
+        _usage().error(f"unknown command {argv[0]!r}; choose from {', '.join(_COMMANDS)}")
+    try:
+        if argv[0] == _DIAGNOSE:
+            _diagnose(argv[1:])
+            return
+        if argv[0] == _REPORT:
+            _report(argv[1:])
+            return
+        cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
+    except PretrainedWeightsUnavailable as err:  # a known, fixable situation: the message, not a traceback
+        raise SystemExit(f"{_PROG}: error: {err}") from None
     _finish_wandb(cli.trainer)
 
 

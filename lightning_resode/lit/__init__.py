@@ -5,12 +5,14 @@ from .data import (
     CIFAR10DataModule,
     CIFAR100DataModule,
     DigitsDataModule,
+    ImageFiles,
     ImageFolderDataModule,
     ImageReadError,
     SyntheticDataModule,
 )
 from .loggers import build_loggers
 from .module import ResodeClassifier, export_timm_weights, load_weights_file
+from .prediction import PredictionWriter
 
 __all__ = [
     "CIFAR100DataModule",
@@ -18,10 +20,12 @@ __all__ = [
     "DigitsDataModule",
     "FitSummary",
     "GradientFidelity",
+    "ImageFiles",
     "ImageFolderDataModule",
     "ImageReadError",
     "InterruptCheckpoint",
     "MemoryMonitor",
+    "PredictionWriter",
     "ReconstructionMonitor",
     "ResodeClassifier",
     "SyntheticDataModule",

@@ -13,6 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
@@ -46,12 +47,19 @@ class _EpochSeededSampler(Sampler[int]):
 
 
 class _LoaderMixin:
-    """Shared batch/worker settings and the three loaders."""
+    """Shared batch/worker settings and the four loaders.
+
+    ``test`` uses ``test_set`` when the data has a test split and otherwise the validation split, with a warning;
+    ``predict`` uses ``predict_set`` when one is given and otherwise the validation split.
+    """
 
     batch_size: int
     num_workers: int
     train_set: Dataset
     val_set: Dataset
+    test_set: Dataset | None = None
+    predict_set: Dataset | None = None
+    _test_hint = ""
 
     def _check_loader_args(self, batch_size: int, num_workers: int) -> None:
         if batch_size < 1:
@@ -77,14 +85,22 @@ class _LoaderMixin:
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        if self.test_set is None:
+            rank_zero_warn(
+                f"{type(self).__name__} has no test split: `test` evaluates the validation split "
+                f"({len(self.val_set)} images, also used to pick checkpoints){self._test_hint}"  # type: ignore[arg-type]
+            )
+            return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.test_set, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set if self.predict_set is None else self.predict_set, shuffle=False)
 
 
 class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
     """scikit-learn's bundled 8×8 digits (1797 images, shipped with the package: fully offline), upscaled to RGB.
+
+    There is no test split: ``test`` evaluates, and ``predict`` predicts, the validation split.
 
     Args:
         image_size: side of the upscaled square image.
@@ -93,6 +109,7 @@ class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
     """
 
     num_classes = 10
+    class_names = tuple(str(digit) for digit in range(10))
 
     def __init__(
         self,
@@ -173,12 +190,46 @@ def _read_rgb(path: str) -> Image.Image:
         raise ImageReadError(f"cannot read image file {path!r}: {err}") from err
 
 
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class ImageFiles(Dataset):
+    """Every image under ``root`` (recursively, by extension), without labels: what ``predict`` runs on.
+
+    Items are image tensors; ``samples`` holds the file paths in dataset-index order (sorted), which the
+    prediction writer puts next to each prediction. A file that cannot be decoded raises ``ImageReadError``
+    naming it.
+    """
+
+    def __init__(self, root: str | Path, transform: Any = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"predict folder {str(self.root)!r} does not exist")
+        self.samples = sorted(
+            str(p) for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()
+        )
+        if not self.samples:
+            raise ValueError(f"predict folder {str(self.root)!r} holds no image files (looked for {IMAGE_EXTENSIONS})")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        image = _read_rgb(self.samples[index])
+        return self.transform(image) if self.transform is not None else image
+
+
 class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
     """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` with timm's ``create_transform`` pipelines.
 
     Args:
         root: folder holding ``train_dir`` and ``val_dir``.
         image_size: training crop / eval resize target.
+        test_root: a labelled ``<class>/*`` folder for ``test``; default ``root/test`` when it exists, otherwise
+            ``test`` evaluates the validation split (with a warning).
+        predict_root: a folder of images without labels (searched recursively) for ``predict``; default: the
+            validation split.
         auto_augment: timm auto-augment policy (``rand-m9-mstd0.5``…) or ``None``.
         re_prob: random erasing probability.
     """
@@ -194,6 +245,8 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         auto_augment: str | None = None,
         re_prob: float = 0.0,
         crop_pct: float | None = None,
+        test_root: str | None = None,
+        predict_root: str | None = None,
     ) -> None:
         super().__init__()
         self._check_loader_args(batch_size, num_workers)
@@ -201,7 +254,16 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         self.image_size, self.train_dir, self.val_dir = image_size, train_dir, val_dir
         self.auto_augment, self.re_prob, self.crop_pct = auto_augment, re_prob, crop_pct
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.num_classes = len(self._classes(self.root / train_dir))
+        self.class_names = self._classes(self.root / train_dir)
+        self.num_classes = len(self.class_names)
+        if test_root is not None and not Path(test_root).is_dir():
+            raise FileNotFoundError(f"test_root {test_root!r} does not exist (expected <test_root>/<class>/*)")
+        if predict_root is not None and not Path(predict_root).is_dir():
+            raise FileNotFoundError(f"predict_root {predict_root!r} does not exist (a folder of images)")
+        default_test = self.root / "test"
+        self.test_root = Path(test_root) if test_root is not None else default_test if default_test.is_dir() else None
+        self.predict_root = None if predict_root is None else Path(predict_root)
+        self._test_hint = f"; pass --data.test_root DIR or create {str(default_test)!r} to test on held-out images"
 
     @staticmethod
     def _classes(folder: Path) -> list[str]:
@@ -212,30 +274,41 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
             raise ValueError(f"image folder {str(folder)!r} has no class sub-folders")
         return classes
 
-    def _dataset(self, split: str, training: bool) -> Dataset:
+    def _transform(self, training: bool) -> Any:
         from timm.data import create_transform
-        from torchvision.datasets import ImageFolder
 
-        transform = create_transform(
+        return create_transform(
             self.image_size,
             is_training=training,
             auto_augment=self.auto_augment if training else None,
             re_prob=self.re_prob if training else 0.0,
             crop_pct=self.crop_pct,
         )
-        folder = self.root / split
+
+    def _dataset(self, folder: Path, training: bool) -> Dataset:
+        from torchvision.datasets import ImageFolder
+
         train_classes = self._classes(self.root / self.train_dir)
         if self._classes(folder) != train_classes:
             raise ValueError(f"classes of {str(folder)!r} differ from the training classes {train_classes}")
-        return ImageFolder(str(folder), transform=transform, loader=_read_rgb)
+        return ImageFolder(str(folder), transform=self._transform(training), loader=_read_rgb)
 
     def setup(self, stage: str | None = None) -> None:
-        self.train_set = self._dataset(self.train_dir, training=True)
-        self.val_set = self._dataset(self.val_dir, training=False)
+        self.train_set = self._dataset(self.root / self.train_dir, training=True)
+        self.val_set = self._dataset(self.root / self.val_dir, training=False)
+        if stage in (None, "test") and self.test_root is not None:
+            self.test_set = self._dataset(self.test_root, training=False)
+            rank_zero_info(f"test split: {len(self.test_set)} images from {str(self.test_root)!r}")
+        if stage in (None, "predict") and self.predict_root is not None:
+            self.predict_set = ImageFiles(self.predict_root, transform=self._transform(training=False))
+            rank_zero_info(f"predicting {len(self.predict_set)} images under {str(self.predict_root)!r}")
 
 
 class _CifarDataModule(_LoaderMixin, pl.LightningDataModule):
-    """torchvision CIFAR, downloaded into ``root`` when online; offline without the files is a clear error."""
+    """torchvision CIFAR, downloaded into ``root`` when online; offline without the files is a clear error.
+
+    Validation and ``test`` both use the official test split (CIFAR has no separate validation split).
+    """
 
     _dataset_name = ""
     num_classes = 0
@@ -297,6 +370,7 @@ class _CifarDataModule(_LoaderMixin, pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.train_set = self._open(train=True, transform=self._transform(training=True))
         self.val_set = self._open(train=False, transform=self._transform(training=False))
+        self.test_set = self.val_set  # the official test split, which validation also reports on
 
 
 class CIFAR10DataModule(_CifarDataModule):

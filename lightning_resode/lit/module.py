@@ -26,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .. import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
 from ..adjoint import AdjointSequential
 from ..convert import SCHEME_CHOICES, adjoint_stages, supported_stage_names, to_adjoint
+from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
@@ -49,13 +50,26 @@ def _check_model_name(model_name: str) -> None:
     raise ValueError(f"unknown timm model name {model_name!r}{hint}")
 
 
+def _build_timm_model(model_name: str, pretrained: bool, num_classes: int, model_kwargs: dict[str, Any]) -> nn.Module:
+    """timm model through ``pretrained.create_model``: hub weights fail fast offline, with the fix in the message."""
+    try:
+        return create_model(model_name, pretrained=pretrained, num_classes=num_classes, **model_kwargs)
+    except PretrainedWeightsUnavailable as err:
+        raise PretrainedWeightsUnavailable(
+            f"{err}.\nIn a recipe or on the command line: --model.weights_file=weights.safetensors (that file), "
+            "or --model.pretrained=false to start from random weights"
+        ) from None
+
+
 class ResodeClassifier(pl.LightningModule):
     """Image classification with a timm model whose residual stages are memory-free adjoint stages.
 
     Args:
         model_name: any timm model name (ResNet v1 / ResNetV2 families get adjoint stages; ``ode_resnet`` is
             the paper's deep ODE-style ResNet, registered by this package).
-        pretrained: load timm's pretrained weights (downloads from the hub unless cached or ``weights_file``).
+        pretrained: load timm's pretrained weights from the hub (or its local cache); offline this fails within
+            seconds, saying how to pass the weights as ``weights_file`` instead. Ignored when ``weights_file``
+            is set (the local file is the starting point).
         num_classes: classifier outputs (linked from the DataModule by the CLI).
         weights_file: a local ``.safetensors``/``.pth``/``.ckpt`` to initialise from (timm keys, or a Lightning
             checkpoint of this module); the classifier head is skipped when its shape differs. The two-phase
@@ -116,7 +130,7 @@ class ResodeClassifier(pl.LightningModule):
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
-        self.model = timm.create_model(model_name, pretrained=pretrained, num_classes=num_classes, **(model_kwargs or {}))
+        self.model = _build_timm_model(model_name, pretrained and weights_file is None, num_classes, model_kwargs or {})
         if weights_file is not None:
             load_weights_file(self.model, weights_file)
         self._check_stage_names(stages)
