@@ -85,10 +85,14 @@ class StagePolicy:
     candidates: tuple[str, ...] = AUTO_CANDIDATES
     decisions: list[PolicyDecision] = field(default_factory=list)
     step: int = 0
-    #: ``sync(methods) -> methods``: make every process use the same decisions (rank 0's; set under DDP)
-    sync: Callable[[dict[str, str]], dict[str, str]] | None = None
+    #: ``sync(methods or None) -> methods``: make every process use the leader's decisions (set under DDP)
+    sync: Callable[[dict[str, str] | None], dict[str, str]] | None = None
+    #: this process measures (rank 0); the others only receive the decisions through ``sync``
+    leader: bool = True
     #: the caller runs ``before_step`` itself with real targets (the Lightning module); the model must not
     external: bool = False
+    #: how many backward passes replaced an approximate gradient by the exact one
+    fallbacks: int = 0
     _pending: set[str] = field(default_factory=set)
     _calibrating: bool = False
     _checked: bool = False
@@ -129,6 +133,11 @@ class StagePolicy:
 
     def _on_fallback(self, stage: AdjointSequential, reason: str) -> None:
         name = next((n for n, s in self.stages.items() if s is stage), stage.display_name)
+        self.fallbacks += 1
+        if self.sync is not None:
+            # under DDP a rank-local event must not start a collective: the next scheduled recheck handles it
+            log.warning("stage %s: %s; this step's gradient was recomputed exactly", name, reason)
+            return
         log.warning("stage %s: %s; this step's gradient was recomputed exactly, recalibrating", name, reason)
         if self.mode == "auto":
             self._pending.add(name)
@@ -155,6 +164,11 @@ class StagePolicy:
         return new
 
     def _choose(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> list[PolicyDecision]:
+        if not self.leader:
+            methods = self.sync(None) if self.sync is not None else self.methods()
+            for name, method in methods.items():
+                self._apply(name, method)
+            return []
         params = unique_params(model)
         stages = self.stages
         new: list[PolicyDecision] = []
@@ -194,7 +208,7 @@ class StagePolicy:
                     grads = gradients(model, images, targets, params)
                 finally:
                     stage.keep_input = keep
-            except (ReconstructionError, AdjointError, ValueError) as err:
+            except (ReconstructionError, AdjointError) as err:  # never an out-of-memory error: that must surface
                 tried.append(f"{method} failed ({type(err).__name__})")
                 continue
             cosine, _ = compare(grads, exact, stage_params)

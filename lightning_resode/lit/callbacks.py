@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import resource
 import signal
 import threading
 from collections.abc import Iterator
@@ -23,42 +22,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from ..adjoint import AdjointSequential
-from ..convert import adjoint_stages, from_adjoint
-from ..measure import saved_activation_bytes
+from ..adjoint import AdjointError, ReconstructionError
+from ..adjoint.methods import METHODS
+from ..convert import adjoint_stages, from_adjoint, policy_of
+from ..fidelity import exact_stages, side_effect_free, stage_fidelity
+from ..measure import peak_per_image, saved_activation_bytes
 from ._lightning_private import logging_step, request_stop_after_batch
 
 _MIB = 2.0**20
 
 
 # ---------------------------------------------------------------------- shared helpers
-@contextlib.contextmanager
-def _side_effect_free(model: nn.Module) -> Iterator[None]:
-    """Run measurements without touching BatchNorm running statistics or the RNG streams training uses."""
-    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for name, b in model.named_buffers():
-                    b.copy_(buffers[name])
-
-
-@contextlib.contextmanager
-def _all_exact(stages: dict[str, AdjointSequential]) -> Iterator[None]:
-    """Temporarily train every stage with plain backprop: the exact reference (and the memory baseline)."""
-    previous = {name: stage.gradient for name, stage in stages.items()}
-    try:
-        for stage in stages.values():
-            stage.configure(gradient="backprop")
-        yield
-    finally:
-        for name, stage in stages.items():
-            stage.configure(gradient=previous[name])
-
-
 def _sample(batch: Any, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     images, targets = batch[0], batch[1]
     return images[:count], targets[:count]
@@ -68,9 +42,9 @@ def _network(pl_module: pl.LightningModule) -> nn.Module:
     return getattr(pl_module, "model", pl_module)
 
 
-def _due(trainer: pl.Trainer, every_n_steps: int) -> bool:
-    # global_step has already advanced past the step that just finished
-    return (trainer.global_step - 1) % every_n_steps == 0
+def _due(trainer: pl.Trainer, every_n_steps: int, upcoming: bool = False) -> bool:
+    # after a step, global_step has already advanced past the step that just finished
+    return (trainer.global_step - (0 if upcoming else 1)) % every_n_steps == 0
 
 
 def _log(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
@@ -86,20 +60,25 @@ def _check_every(every_n_steps: int) -> None:
         raise ValueError(f"every_n_steps must be >= 1, got {every_n_steps}")
 
 
-def peak_memory_mib(device: torch.device) -> float:
-    """CUDA max allocated on a GPU; the process's peak resident set on CPU (Linux reports KiB)."""
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The allocator's peak since the last reset on a GPU; None on CPU (measured per image by MemoryMonitor)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / _MIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return None
 
 
 # ---------------------------------------------------------------------- memory
 class MemoryMonitor(pl.Callback):
-    """Logs ``mem/peak_mib`` and ``mem/activations_mib`` (saved MiB per image at rest, docs/design.md).
+    """What a training step costs in memory, next to what plain backprop would cost the same model.
 
-    The activation measure re-runs one training forward on ``sample_images`` images of the current batch
-    every ``every_n_steps`` steps; the backprop figure for the same model (``mem/activations_backprop_mib``)
-    is measured once, so the dashboard shows the saving next to the cost it avoids.
+    Logged every ``every_n_steps`` steps, on ``sample_images`` images of the current batch:
+
+    - ``mem/peak_mib_per_image``: the peak of one training step per image, the figure users pay
+      (``lightning_resode.measure.peak_per_image``: profiler allocator events on CPU, the CUDA allocator on
+      GPU), and ``mem/peak_backprop_mib_per_image`` for the same model with plain autograd (once);
+    - ``mem/activations_mib``: saved MiB per image at rest, and ``mem/activations_backprop_mib`` (once);
+    - on a GPU also ``mem/peak_mib``: the allocator's peak over the logged steps (the whole step, weights,
+      optimizer state and batch included).
     """
 
     def __init__(self, every_n_steps: int = 50, sample_images: int = 2) -> None:
@@ -110,42 +89,79 @@ class MemoryMonitor(pl.Callback):
         self.every_n_steps, self.sample_images = every_n_steps, sample_images
         self.activations_mib: float | None = None
         self.backprop_activations_mib: float | None = None
+        self.peak_mib_per_image: float | None = None
+        self.backprop_peak_mib_per_image: float | None = None
         self.peak_mib = 0.0
 
     def _activations_per_image(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor) -> float:
         images = images.clone()  # a slice of the batch would count the whole batch's storage as saved
-        with _side_effect_free(model), trainer.precision_plugin.forward_context():
+        with side_effect_free(model, train=False), trainer.precision_plugin.forward_context():
             saved = saved_activation_bytes(model, lambda: model(images))
         return saved / images.shape[0] / _MIB
 
-    def _backprop_activations_per_image(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor) -> float:
-        """What plain backprop would store for the same model and images: the converted stem included."""
+    def _peak_per_image(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor) -> float:
+        """Peak of a training step per image on k and 2k copies of the sample (gradients of the model untouched)."""
+        grads = {p: p.grad for p in model.parameters()}
+        policy = policy_of(model)
+        calibrating = policy._calibrating if policy is not None else False
         try:
-            plain = from_adjoint(copy.deepcopy(model))
+            if policy is not None:
+                policy._calibrating = True  # a measurement is not a training step: no calibration, no step count
+            with side_effect_free(model), trainer.precision_plugin.forward_context():
+                result = peak_per_image(
+                    model, lambda b: images.repeat((b + len(images) - 1) // len(images), 1, 1, 1)[:b].clone(),
+                    small=len(images), large=2 * len(images), warmup=False,
+                )
+        finally:
+            if policy is not None:
+                policy._calibrating = calibrating
+            for p, g in grads.items():
+                p.grad = g
+        return result.mib_per_image
+
+    def _backprop_model(self, model: nn.Module) -> nn.Module | None:
+        try:
+            return from_adjoint(copy.deepcopy(model))
         except TypeError:  # not a timm family (e.g. the ODE ResNet): its stages are the whole story
-            with _all_exact(adjoint_stages(model)):
-                return self._activations_per_image(trainer, model, images)
-        return self._activations_per_image(trainer, plain, images)
+            return None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if pl_module.device.type == "cuda" and _due(trainer, self.every_n_steps, upcoming=True):
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.peak_mib = max(self.peak_mib, peak_memory_mib(pl_module.device))
         if not _due(trainer, self.every_n_steps):
             return
         model = _network(pl_module)
         images, _ = _sample(batch, self.sample_images)
         if images.shape[0] < 2:
             return
+        metrics: dict[str, float] = {}
+        step_peak = peak_memory_mib(pl_module.device)
+        if step_peak is not None:
+            self.peak_mib = max(self.peak_mib, step_peak)
+            metrics["mem/peak_mib"] = self.peak_mib
         self.activations_mib = self._activations_per_image(trainer, model, images)
+        self.peak_mib_per_image = self._peak_per_image(trainer, model, images)
         if self.backprop_activations_mib is None:
-            self.backprop_activations_mib = self._backprop_activations_per_image(trainer, model, images)
-        _log(
-            trainer,
+            plain = self._backprop_model(model)
+            if plain is None:
+                with exact_stages(adjoint_stages(model)):
+                    self.backprop_activations_mib = self._activations_per_image(trainer, model, images)
+                    self.backprop_peak_mib_per_image = self._peak_per_image(trainer, model, images)
+            else:
+                self.backprop_activations_mib = self._activations_per_image(trainer, plain, images)
+                self.backprop_peak_mib_per_image = self._peak_per_image(trainer, plain, images)
+                del plain
+        metrics.update(
             {
-                "mem/peak_mib": self.peak_mib,
+                "mem/peak_mib_per_image": self.peak_mib_per_image,
+                "mem/peak_backprop_mib_per_image": self.backprop_peak_mib_per_image,
                 "mem/activations_mib": self.activations_mib,
                 "mem/activations_backprop_mib": self.backprop_activations_mib,
-            },
+            }
         )
+        _log(trainer, metrics)
 
     def state_dict(self) -> dict[str, Any]:
         return {"peak_mib": self.peak_mib}
@@ -155,21 +171,15 @@ class MemoryMonitor(pl.Callback):
 
 
 # ---------------------------------------------------------------------- gradient fidelity
-def _cosine(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    if not a:
-        return float("nan")
-    x = torch.cat([t.detach().double().flatten() for t in a])
-    y = torch.cat([t.detach().double().flatten() for t in b])
-    return float(F.cosine_similarity(x, y, dim=0, eps=1e-30))
-
-
 class GradientFidelity(pl.Callback):
-    """Every ``every_n_steps``, the adjoint gradient against exact backprop on one micro-batch.
+    """Every ``every_n_steps``, each stage's gradient against exact backprop on one micro-batch.
 
-    Logs ``adjoint/grad_cosine`` (all trainable parameters) and ``adjoint/grad_cosine/<stage>`` (each adjoint
-    stage's own parameters). With ``fallback=True`` a stage whose cosine drops below ``threshold`` is switched
-    to its exact ``fallback_gradient`` (``checkpoint``: exact, one stage of activations), logged as
+    Logs ``adjoint/grad_cosine`` (all trainable parameters) and ``adjoint/grad_cosine/<stage>`` (each
+    approximate stage's own parameters; stages with exact methods or without trainable parameters are not
+    measured, so nothing is logged as NaN). With ``fallback=True`` a stage whose cosine drops below
+    ``threshold`` is switched to ``fallback_method`` (default ``block``: exact, per-block inputs), logged as
     ``adjoint/fallback/<stage>`` and kept across resumes. Under DDP the decision uses the minimum over ranks.
+    The measurement is the one ``diagnose`` and the auto policy use (``lightning_resode.fidelity``).
     """
 
     def __init__(
@@ -178,7 +188,7 @@ class GradientFidelity(pl.Callback):
         sample_images: int = 8,
         threshold: float = 0.99,
         fallback: bool = False,
-        fallback_gradient: str = "checkpoint",
+        fallback_method: str = "block",
     ) -> None:
         super().__init__()
         _check_every(every_n_steps)
@@ -186,49 +196,31 @@ class GradientFidelity(pl.Callback):
             raise ValueError(f"sample_images must be >= 2 (BatchNorm needs two), got {sample_images}")
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
-        if fallback_gradient not in ("checkpoint", "backprop"):
-            raise ValueError(f"fallback_gradient must be 'checkpoint' or 'backprop', got {fallback_gradient!r}")
+        exact = [name for name, m in METHODS.items() if m.exact]
+        if fallback_method not in exact:
+            raise ValueError(f"fallback_method must be an exact method, one of {exact}; got {fallback_method!r}")
         self.every_n_steps, self.sample_images, self.threshold = every_n_steps, sample_images, threshold
-        self.fallback, self.fallback_gradient = fallback, fallback_gradient
+        self.fallback, self.fallback_method = fallback, fallback_method
         self.switched: list[str] = []
         self.last_cosines: dict[str, float] = {}
 
-    @staticmethod
-    def _gradients(trainer: pl.Trainer, model: nn.Module, params: list[nn.Parameter], images: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        with _side_effect_free(model):
-            with trainer.precision_plugin.forward_context():
-                loss = F.cross_entropy(model(images).float(), targets)
-            return list(torch.autograd.grad(loss, params, allow_unused=True))
-
     def measure(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         """Cosines of the current gradient vs exact: ``{"": whole model, stage name: that stage}``."""
-        stages = {n: s for n, s in adjoint_stages(model).items() if s.gradient == "adjoint"}
-        seen: dict[int, nn.Parameter] = {}
-        for p in model.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
-        params = list(seen.values())
-        rng = torch.random.get_rng_state()
-        approx = self._gradients(trainer, model, params, images, targets)
-        torch.random.set_rng_state(rng)  # same dropout / drop-path draws for the reference
-        with _all_exact(stages):
-            exact = self._gradients(trainer, model, params, images, targets)
-        index = {id(p): i for i, p in enumerate(params)}
-
-        def pick(grads: list[torch.Tensor | None], subset: list[nn.Parameter]) -> list[torch.Tensor]:
-            return [grads[index[id(p)]] for p in subset if id(p) in index and grads[index[id(p)]] is not None]
-
-        cosines = {"": _cosine(pick(approx, params), pick(exact, params))}
-        for name, stage in stages.items():
-            stage_params = list({id(p): p for p in stage.parameters()}.values())
-            cosines[name] = _cosine(pick(approx, stage_params), pick(exact, stage_params))
-        return cosines
+        stages = {n: s for n, s in adjoint_stages(model).items() if not METHODS[s.method].exact}
+        if not stages:
+            return {}
+        with trainer.precision_plugin.forward_context():
+            try:
+                fidelity = stage_fidelity(model, stages, images, targets)
+            except (ReconstructionError, AdjointError):
+                return {"": -1.0, **{name: -1.0 for name in stages}}  # the method failed outright on this batch
+        return {name: cosine for name, (cosine, _) in fidelity.items()}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         stages = adjoint_stages(_network(pl_module))
         for name in self.switched:  # re-apply fallbacks after a resume
             if name in stages:
-                stages[name].configure(gradient=self.fallback_gradient)
+                stages[name].configure(method=self.fallback_method)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not _due(trainer, self.every_n_steps):
@@ -239,6 +231,8 @@ class GradientFidelity(pl.Callback):
             return
         cosines = self.measure(trainer, model, images, targets)
         self.last_cosines = cosines
+        if not cosines:
+            return
         metrics = {"adjoint/grad_cosine" + (f"/{name}" if name else ""): value for name, value in cosines.items()}
         if self.fallback:
             self._maybe_switch(pl_module, model, cosines)
@@ -252,11 +246,12 @@ class GradientFidelity(pl.Callback):
                 continue
             worst = float(pl_module.all_gather(torch.tensor(value, device=pl_module.device)).min())
             if worst < self.threshold:
-                stages[name].configure(gradient=self.fallback_gradient)
+                stages[name].configure(method=self.fallback_method)
+                stages[name].fallback = False
                 self.switched.append(name)
                 rank_zero_warn(
-                    f"stage {name}: adjoint gradient cosine {worst:.4f} < {self.threshold}; switched it to "
-                    f"gradient={self.fallback_gradient!r} (exact) for the rest of training"
+                    f"stage {name}: gradient cosine {worst:.4f} < {self.threshold}; switched it to "
+                    f"scheme {self.fallback_method!r} (exact) for the rest of training"
                 )
 
     def state_dict(self) -> dict[str, Any]:
@@ -378,10 +373,12 @@ class FitSummary(pl.Callback):
         stages = adjoint_stages(_network(pl_module))
         summary: dict[str, Any] = {
             f"best_{self.monitor.replace('/', '_')}": self.best,
-            "peak_mib": round(max(peak_memory_mib(pl_module.device), memory.peak_mib if memory else 0.0), 1),
+            "peak_mib": round(max(peak_memory_mib(pl_module.device) or 0.0, memory.peak_mib if memory else 0.0), 1) or None,
+            "peak_mib_per_image": memory.peak_mib_per_image if memory else None,
+            "backprop_peak_mib_per_image": memory.backprop_peak_mib_per_image if memory else None,
             "activations_mib_per_image": memory.activations_mib if memory else None,
             "backprop_activations_mib_per_image": memory.backprop_activations_mib if memory else None,
-            "stages": {name: f"{s.scheme}/{s.gradient}" for name, s in stages.items()},
+            "stages": {name: s.method for name, s in stages.items()},
             "global_step": trainer.global_step,
             "epochs": trainer.current_epoch,
         }
@@ -425,7 +422,10 @@ def _print_table(summary: dict[str, Any]) -> None:
         elif key.startswith("best_") and isinstance(value, float):
             value = f"{100 * value:.2f} %"
         table.add_row(key, _fmt(value))
+    ours, backprop = summary.get("peak_mib_per_image"), summary.get("backprop_peak_mib_per_image")
+    if ours and backprop:
+        table.add_row("peak memory per image", f"{backprop / ours:.1f}× less than backprop")
     adjoint, backprop = summary.get("activations_mib_per_image"), summary.get("backprop_activations_mib_per_image")
     if adjoint and backprop:
-        table.add_row("activation saving", f"{backprop / adjoint:.1f}× less than backprop")
+        table.add_row("kept at rest per image", f"{backprop / adjoint:.1f}× less than backprop")
     Console().print(table)

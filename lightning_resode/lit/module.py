@@ -8,6 +8,7 @@ complete description of a run. The wrapped network stays a timm model with timm'
 from __future__ import annotations
 
 import difflib
+import json
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -25,13 +26,14 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .. import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
 from ..adjoint import AdjointSequential
-from ..convert import SCHEME_CHOICES, adjoint_stages, supported_stage_names, to_adjoint
+from ..adjoint.methods import METHODS, get_method
+from ..convert import SCHEME_CHOICES, adjoint_stages, policy_of, supported_stage_names, to_adjoint
+from ..policy import AUTO_CANDIDATES, StagePolicy
 from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
-Scheme = Literal["euler", "euler_fast", "heun", "checkpoint", "backprop", "auto"]
-Gradient = Literal["adjoint", "checkpoint", "backprop"]
+Scheme = Literal["auto", "euler_fast", "euler", "heun", "block_fp16", "block_bf16", "block", "checkpoint", "backprop"]
 TopStepDtype = Literal["bfloat16", "float16", "float32", "none"]
 _TOP_STEP_DTYPES: dict[str, torch.dtype | None] = {
     "bfloat16": torch.bfloat16,
@@ -76,12 +78,20 @@ class ResodeClassifier(pl.LightningModule):
             route loads the tied phase's checkpoint into the untied model this way.
         model_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, ODE ResNet ``depth``…).
         stages: stage names to convert (``["layer3", "layer4"]``); ``None`` converts all, ``[]`` none.
-        scheme: ``euler_fast`` (default), ``euler`` (paper), ``heun``, ``checkpoint``/``backprop`` (exact
-            references), or ``auto`` (per stage, the cheapest scheme reaching ``min_cosine`` on a real batch).
-        gradient, refine, anchor_every: engine options for every converted stage.
+        scheme: how each converted stage computes its gradient. ``auto`` (default): per stage, the method
+            with the least peak memory whose gradient cosine against exact backprop reaches ``min_cosine``,
+            measured on the first training batch (on the training device and precision, on rank 0, the
+            choice broadcast to every rank) and every ``recheck_every`` steps. Or one method for every stage:
+            ``euler_fast``/``euler`` (reconstruct backwards: ODE-like weights only), ``heun`` (a Heun network),
+            ``block_fp16``/``block_bf16`` (each block's input stored in 16 bits), ``block`` (exact),
+            ``checkpoint`` (whole-stage, exact), ``backprop``. An approximate explicit method is measured
+            once on the first batch and warns when its gradient is below ``min_cosine``.
+        refine, anchor_every: reconstruction options for every converted stage.
         top_step_dtype: keep each stage's top-step increment in this dtype (``none``: reconstruct it too); one
             block forward less per stage in backward and a more exact top block, for half a state per stage.
-        min_cosine: the gradient fidelity ``auto`` must reach.
+        min_cosine: the gradient fidelity ``auto`` must reach (whole model and each stage).
+        recheck_every: ``auto`` recalibrates every this many optimizer steps (0: first step only, and after a
+            stage had to fall back to an exact gradient).
         freeze: module names to freeze (``["conv1", "bn1", "layer1"]``): no gradients, BatchNorm frozen.
         label_smoothing: cross-entropy label smoothing (also used for mixup targets).
         mixup_alpha, cutmix_alpha: timm ``Mixup``; both 0 disables it.
@@ -100,12 +110,12 @@ class ResodeClassifier(pl.LightningModule):
         weights_file: str | None = None,
         model_kwargs: dict[str, Any] | None = None,
         stages: list[str] | None = None,
-        scheme: Scheme = "euler_fast",
-        gradient: Gradient = "adjoint",
+        scheme: Scheme = "auto",
         refine: int = 0,
         anchor_every: int | None = None,
         top_step_dtype: TopStepDtype = "bfloat16",
         min_cosine: float = 0.99,
+        recheck_every: int = 500,
         freeze: list[str] | None = None,
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
@@ -134,8 +144,7 @@ class ResodeClassifier(pl.LightningModule):
         if weights_file is not None:
             load_weights_file(self.model, weights_file)
         self._check_stage_names(stages)
-        if scheme != "auto":
-            self._convert(calibration=None)
+        self.policy: StagePolicy | None = self._convert()
         self._check_freeze_names(freeze or [])
         self.mixup = (
             Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, num_classes=num_classes)
@@ -169,37 +178,33 @@ class ResodeClassifier(pl.LightningModule):
             top_level = [n for n, _ in self.model.named_children()]
             raise ValueError(f"cannot freeze unknown module(s) {unknown} of {self.hparams.model_name}; e.g. {top_level}")
 
-    def _convert(self, calibration: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    def _convert(self) -> StagePolicy | None:
+        """Convert (timm) or configure (ODE ResNet) the stages; returns the policy that measures them, if any."""
         hp = self.hparams
         if hp.stages is not None and not hp.stages:
-            return
-        if self._has_native_stages():
-            scheme, gradient = {"checkpoint": ("euler", "checkpoint"), "backprop": ("euler", "backprop")}.get(
-                hp.scheme, (hp.scheme, hp.gradient)
-            )
-            if scheme == "auto":
-                raise ValueError("scheme='auto' is for timm ResNets; pick euler, euler_fast or heun for ode_resnet")
-            for name, stage in adjoint_stages(self.model).items():
-                if hp.stages is None or name in hp.stages:
-                    stage.configure(
-                        scheme=scheme,
-                        gradient=gradient,
-                        refine=hp.refine,
-                        anchor_every=hp.anchor_every,
-                        top_step_dtype=_TOP_STEP_DTYPES[hp.top_step_dtype],
-                    )
-            return
-        to_adjoint(
-            self.model,
-            stages=hp.stages,
-            scheme=hp.scheme,
-            gradient=hp.gradient,
-            refine=hp.refine,
-            anchor_every=hp.anchor_every,
-            top_step_dtype=_TOP_STEP_DTYPES[hp.top_step_dtype],
-            calibration=calibration,
-            min_cosine=hp.min_cosine,
-        )
+            return None
+        options = dict(refine=hp.refine, anchor_every=hp.anchor_every, top_step_dtype=_TOP_STEP_DTYPES[hp.top_step_dtype])
+        if not self._has_native_stages():
+            to_adjoint(self.model, stages=hp.stages, scheme=hp.scheme, min_cosine=hp.min_cosine, recheck_every=hp.recheck_every, **options)
+            policy = policy_of(self.model)
+        else:
+            stages = {n: s for n, s in adjoint_stages(self.model).items() if hp.stages is None or n in hp.stages}
+            network = next(iter(stages.values())).scheme if stages else "euler"
+            for stage in stages.values():
+                method = "block" if hp.scheme == "auto" else hp.scheme
+                stage.configure(method=method, scheme=get_method(method).scheme or network, **options)
+            if hp.scheme == "auto":
+                # an ODE ResNet is the network its scheme says (Heun or Euler): reconstruct with that scheme only
+                reconstruction = ("heun",) if network == "heun" else ("euler_fast", "euler")
+                candidates = reconstruction + tuple(c for c in AUTO_CANDIDATES if METHODS[c].gradient != "adjoint")
+                policy = StagePolicy(stages, mode="auto", min_cosine=hp.min_cosine, recheck_every=hp.recheck_every, candidates=candidates)
+            elif not METHODS[hp.scheme].exact:
+                policy = StagePolicy(stages, mode="check", min_cosine=hp.min_cosine, recheck_every=0)
+            else:
+                policy = None
+        if policy is not None:
+            policy.external = True  # training_step calibrates with the real targets
+        return policy
 
     def _apply_freeze(self) -> None:
         if self.hparams.freeze and not self._frozen:
@@ -209,22 +214,55 @@ class ResodeClassifier(pl.LightningModule):
     # ------------------------------------------------------------------ Lightning hooks
     def setup(self, stage: str) -> None:
         validate_distributed(self.trainer, self)
-        if stage == "fit" and self.hparams.scheme == "auto" and not adjoint_stages(self.model):
-            self._convert(calibration=self._calibration_batch())
         self._apply_freeze()
+        if self.policy is not None and self.trainer.world_size > 1:
+            # rank 0 measures, every rank trains with its decisions (the same gradient method everywhere)
+            self.policy.leader = self.trainer.is_global_zero
+            self.policy.sync = self._broadcast_methods
 
-    def _calibration_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is None:
-            raise ValueError("scheme='auto' needs a DataModule to calibrate on (one real training batch)")
-        images, targets = next(iter(datamodule.train_dataloader()))
-        return images[:8], targets[:8]
+    def _broadcast_methods(self, methods: dict[str, str] | None) -> dict[str, str]:
+        return self.trainer.strategy.broadcast(methods, src=0)
+
+    def _calibrate_if_due(self, images: torch.Tensor, targets: torch.Tensor) -> None:
+        """The stage policy measures on this batch (first step, every ``recheck_every``), before the forward."""
+        policy = self.policy
+        if policy is None:
+            return
+        known = len(policy.decisions)
+        policy.before_step(self.model, (images, targets))
+        new = policy.decisions[known:]
+        if new:
+            self._log_decisions(new)
+
+    def _log_decisions(self, decisions: list) -> None:
+        order = list(METHODS)
+        metrics: dict[str, float] = {}
+        for d in decisions:
+            metrics[f"policy/method_rank/{d.stage}"] = float(order.index(d.method))
+            metrics[f"policy/grad_cosine/{d.stage}"] = float(d.grad_cosine)
+        if self.trainer.is_global_zero:
+            for logger in self.trainer.loggers:
+                logger.log_metrics(metrics, step=self.global_step)
+            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            if log_dir:
+                path = Path(log_dir) / "policy.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps([d.as_dict() for d in self.policy.decisions], indent=2) + "\n")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.policy is not None:
+            checkpoint["resode_policy"] = self.policy.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.policy is not None and "resode_policy" in checkpoint:
+            self.policy.load_state_dict(checkpoint["resode_policy"])
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        self._calibrate_if_due(images, targets)
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, soft_targets = self.mixup(images, targets)
             loss = torch.sum(-soft_targets * F.log_softmax(self(images), dim=-1), dim=-1).mean()
