@@ -1,48 +1,38 @@
-"""Adjoint gradients against exact ones on *trained* weights: a small timm ResNet fitted to scikit-learn's digits.
+"""Converted gradients against exact backprop on *trained* weights (the small trained-weight fixtures).
 
-Run with ``-s`` to see the figures (they are quoted in docs/convert.md).
+An untrained timm ResNet has all-zero residual branches, so every scheme is trivially exact on it; these
+fixtures are timm resnet50 / resnet101 (narrow, 32×32) trained with plain backprop on digits 0–4, with timm's
+zero-init of the last BatchNorm and without it (large residual branches, as most ImageNet checkpoints).
+Asserted: what the code controls (exact schemes are exact, auto meets its own bound, Euler reversal cannot undo
+what the ReLU after each sum clipped). Run with ``-s`` to see the figures (quoted in docs/convert.md).
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
+import warnings
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
-from lightning_resode import adjoint_stages, to_adjoint
+from lightning_resode import ReconstructionError, adjoint_stages, to_adjoint
+from lightning_resode.convert import SCHEME_CHOICES
+from lightning_resode.testing import PRETRAIN_CLASSES, digits_split
 
-NARROW = dict(channels=(64, 32, 64, 128), num_classes=10)  # layer1 keeps the stem width: 2 residual blocks
+EXACT = [s for s in ("checkpoint", "backprop", "block") if s in SCHEME_CHOICES]
+EULER = [s for s in ("euler_fast", "euler") if s in SCHEME_CHOICES]
+FIXTURES = [("resnet50", True), ("resnet50", False), ("resnet101", True), ("resnet101", False)]
 
 
 @pytest.fixture(scope="module")
-def trained_digits_resnet():
-    """A narrow timm resnet18 trained briefly on 8x8 digits upscaled to 32x32 RGB (ships with scikit-learn)."""
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
-    images = (F.interpolate(images, size=32, mode="bilinear").repeat(1, 3, 1, 1) - 0.3) / 0.4
-    labels = torch.tensor(digits.target)
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, **NARROW)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-    train, held_out = slice(0, 1500), slice(1500, None)
-    for _ in range(80):
-        idx = torch.randint(0, 1500, (32,), generator=gen)
-        loss = F.cross_entropy(model(images[train][idx]), labels[train][idx])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    with torch.no_grad():
-        accuracy = float((model(images[held_out]).argmax(1) == labels[held_out]).float().mean())
-    return model, (images[:32], labels[:32]), accuracy
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    data = digits_split(PRETRAIN_CLASSES, 32)
+    return data.train_images[:32], data.train_labels[:32]
 
 
-def _gradient(model, batch) -> torch.Tensor:
+def _gradient(model: torch.nn.Module, batch) -> torch.Tensor:
     model.train()
     model.zero_grad()
     torch.manual_seed(0)
@@ -50,23 +40,61 @@ def _gradient(model, batch) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
 
 
-def test_adjoint_gradients_on_trained_weights(trained_digits_resnet) -> None:
-    trained, batch, accuracy = trained_digits_resnet
-    assert accuracy > 0.8, f"the model did not learn digits (held-out accuracy {accuracy:.3f})"
-    exact = _gradient(copy.deepcopy(trained), batch)
-    figures = {}
-    for scheme in ("euler_fast", "euler", "checkpoint", "auto"):
-        model = copy.deepcopy(trained)
-        to_adjoint(model, scheme=scheme, calibration=batch if scheme == "auto" else None, min_cosine=0.99)
+def _convert(model: torch.nn.Module, scheme: str, batch) -> torch.nn.Module:
+    kwargs = {}
+    options = inspect.signature(to_adjoint).parameters
+    if scheme == "auto" and "calibration" in options:
+        kwargs["calibration"] = batch
+    if scheme != "auto" and "check" in options:
+        kwargs["check"] = False  # measure the method itself, not the policy's first (exact) calibration step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # explicit schemes may warn that they are unsafe here: measured below
+        return to_adjoint(model, scheme=scheme, **kwargs)
+
+
+def _method(stage) -> str:
+    try:
+        from lightning_resode.adjoint.methods import method_name
+    except ImportError:
+        return stage.scheme if stage.gradient == "adjoint" else stage.gradient
+    return method_name(stage)
+
+
+def _compare(model, exact, batch) -> tuple[float, float] | str:
+    try:
         grad = _gradient(model, batch)
-        figures[scheme] = (float(F.cosine_similarity(grad, exact, dim=0)), float((grad - exact).norm() / exact.norm()))
+    except ReconstructionError:
+        return "ReconstructionError"
+    return float(F.cosine_similarity(grad, exact, dim=0)), float((grad - exact).norm() / exact.norm())
+
+
+@pytest.mark.parametrize(("model_name", "zero_init_last"), FIXTURES, ids=[f"{m}-{'zil' if z else 'nozil'}" for m, z in FIXTURES])
+def test_gradients_on_trained_weights(trained_small, batch, model_name: str, zero_init_last: bool) -> None:
+    fixture = trained_small(model_name, zero_init_last)
+    exact = _gradient(copy.deepcopy(fixture.model), batch)
+    figures: dict[str, object] = {}
+    for scheme in [s for s in SCHEME_CHOICES if s != "heun"]:  # heun is a different network, not a gradient
+        model = _convert(copy.deepcopy(fixture.model), scheme, batch)
+        figures[scheme] = _compare(model, exact, batch)
         if scheme == "auto":
-            figures["auto choice"] = {n: s.scheme if s.gradient == "adjoint" else s.gradient for n, s in adjoint_stages(model).items()}
-    print(f"\ndigits resnet18 (narrow), held-out accuracy {accuracy:.3f}; gradient vs exact backprop (cosine, rel. error):")
+            figures["auto choice"] = {n: _method(s) for n, s in adjoint_stages(model).items()}
+    ratios = {k: round(v["residual_ratio"], 3) for k, v in fixture.info["stages"].items()}
+    print(f"\n{model_name} zero_init_last={zero_init_last} (small, residual ratios {ratios}); gradient vs exact (cosine, rel. error):")
     for key, value in figures.items():
         print(f"  {key}: {value}")
-    assert figures["checkpoint"][0] == pytest.approx(1.0, abs=1e-6) and figures["checkpoint"][1] < 1e-4
-    assert figures["auto"][0] >= 0.99
-    # The Euler reversal is approximate on trained post-activation blocks: informative, not exact.
-    for scheme in ("euler_fast", "euler"):
-        assert 0.5 < figures[scheme][0] < 1.0 - 1e-6 and figures[scheme][1] > 1e-4
+
+    for scheme in EXACT:
+        cosine, rel = figures[scheme]
+        assert cosine == pytest.approx(1.0, abs=1e-6) and rel < 1e-4, (scheme, figures[scheme])
+    if "auto" in figures:
+        assert figures["auto"] != "ReconstructionError" and figures["auto"][0] >= 0.99, figures["auto"]
+    # Reversing x -> relu(x + f(x)) cannot recover the coordinates the ReLU set to zero (they clip here: see the
+    # fixture's clip fractions), so plain Euler reversal is never exact on these weights; on deep stages the
+    # error compounds until the reconstruction is stopped.
+    for scheme in EULER:
+        result = figures[scheme]
+        assert result == "ReconstructionError" or result[0] < 1.0 - 1e-3, (scheme, result)
+    if not zero_init_last:  # large residual branches: the Euler adjoint is far from the gradient, not just noisy
+        for scheme in EULER:
+            result = figures[scheme]
+            assert result == "ReconstructionError" or result[0] < 0.9, (scheme, result)

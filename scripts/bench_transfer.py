@@ -1,0 +1,276 @@
+#!/usr/bin/env python
+"""Transfer on trained weights: fine-tune digits-0–4 ResNets on digits 5–9 with backprop, the default and each scheme.
+
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/bench_transfer.py            # full fixtures (64x64), both models, both inits
+    .venv/bin/python scripts/bench_transfer.py --quick                      # small fixtures (32x32), fewer steps: minutes
+    .venv/bin/python scripts/bench_transfer.py --methods default block --merge   # rerun some methods, keep the rest
+
+Every run starts from the same trained fixture (``lightning_resode.testing.trained_resnet``: timm resnet50 /
+resnet101 trained with plain backprop on digits 0–4, with timm's ``zero_init_last=True`` and with ``False``),
+gets the same new 5-class head, sees the same batches in the same order and uses the same AdamW settings;
+only how the gradient is computed differs:
+
+- ``backprop``: the plain timm model (the reference);
+- ``default``: ``to_adjoint(model)`` with no other argument, what a new user writes;
+- one run per explicit scheme of ``lightning_resode.convert.SCHEME_CHOICES``, except ``heun`` (a Heun stage is a
+  different network from the pretrained Euler ResNet: it changes the function being fine-tuned, not only its
+  gradient) and ``backprop`` (the reference already); the scheme that *is* the default runs once, as ``default``.
+
+Records held-out accuracy every ``--eval-every`` steps, the whole-model gradient cosine of the first step
+against backprop's on the same batch, steps that raised a ``ReconstructionError`` (skipped, weights unchanged),
+warnings, and seconds per step (informational). Writes ``bench_transfer.json`` and ``bench_transfer.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import subprocess
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from lightning_resode import ReconstructionError, to_adjoint  # noqa: E402
+from lightning_resode.convert import SCHEME_CHOICES  # noqa: E402
+from lightning_resode.testing import MODEL_NAMES, TRANSFER_CLASSES, accuracy, digits_split, trained_resnet  # noqa: E402
+
+INITS = {"zil": True, "nozil": False}
+#: Not fine-tuning schemes for a pretrained Euler ResNet (see the module doc).
+EXCLUDED = ("heun", "backprop")
+PRESETS = {
+    "full": {"size": "full", "steps": 60, "batch_size": 16, "eval_every": 10, "out": Path("docs/figures")},
+    "quick": {"size": "small", "steps": 40, "batch_size": 16, "eval_every": 10, "out": Path("runs/bench_transfer_quick")},
+}
+LR, WEIGHT_DECAY, SEED = 5e-4, 0.05, 0
+
+
+def default_scheme() -> str:
+    return str(inspect.signature(to_adjoint).parameters["scheme"].default)
+
+
+def methods_available() -> list[str]:
+    """backprop, default, then each explicit scheme this version of the library has (minus the excluded ones)."""
+    default = default_scheme()
+    schemes = [s for s in SCHEME_CHOICES if s not in EXCLUDED and s != default]
+    return ["backprop", "default", *schemes]
+
+
+def _convert(model: nn.Module, method: str, first_batch: tuple[torch.Tensor, torch.Tensor]) -> nn.Module:
+    if method == "backprop":
+        return model
+    if method == "default":
+        return to_adjoint(model)
+    if method == "auto" and "calibration" in inspect.signature(to_adjoint).parameters:
+        return to_adjoint(model, scheme="auto", calibration=first_batch)
+    return to_adjoint(model, scheme=method)
+
+
+def _flat_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: (torch.zeros_like(p) if p.grad is None else p.grad).detach().flatten().double().clone() for n, p in model.named_parameters()}
+
+
+def _cosine(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    names = sorted(b)
+    return float(F.cosine_similarity(torch.cat([a[n] for n in names]), torch.cat([b[n] for n in names]), dim=0))
+
+
+def _batches(n: int, batch_size: int, steps: int) -> list[torch.Tensor]:
+    """The index batches of every run (fixed order, reshuffled each epoch)."""
+    gen = torch.Generator().manual_seed(SEED)
+    out: list[torch.Tensor] = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=gen)
+        out.extend(perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size))
+    return out[:steps]
+
+
+def fine_tune(base: nn.Module, method: str, data: Any, *, steps: int, batch_size: int, eval_every: int, reference_grad: dict | None) -> dict[str, Any]:
+    """Fine-tune a copy of ``base`` (new head already in place) with ``method``; the accuracy curve and records."""
+    model = copy.deepcopy(base)
+    batches = _batches(len(data.train_labels), batch_size, steps)
+    first = (data.train_images[batches[0]], data.train_labels[batches[0]])
+    caught: list[str] = []
+    failed: list[int] = []
+    curve_steps, curve_acc = [0], [accuracy(model, data.test_images, data.test_labels)]
+    torch.manual_seed(SEED)
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always")
+        model = _convert(model, method, first)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        first_cosine = None
+        start = time.perf_counter()
+        for step, idx in enumerate(batches, start=1):
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx]).backward()
+            except ReconstructionError as err:
+                failed.append(step)
+                if len(failed) == 1:
+                    caught.append(f"step {step}: {type(err).__name__}: {err}")
+                continue
+            if step == 1 and reference_grad is not None:
+                first_cosine = _cosine(_flat_grads(model), reference_grad)
+            optimizer.step()
+            if step % eval_every == 0 or step == steps:
+                curve_steps.append(step)
+                curve_acc.append(accuracy(model, data.test_images, data.test_labels))
+        seconds = time.perf_counter() - start
+    for record in records:
+        text = f"{record.category.__name__}: {record.message}"
+        if text not in caught and len(caught) < 6:
+            caught.append(text)
+    return {
+        "steps": curve_steps,
+        "accuracy": curve_acc,
+        "final_accuracy": curve_acc[-1],
+        "first_step_grad_cosine": first_cosine,
+        "failed_steps": len(failed),
+        "first_failed_step": failed[0] if failed else None,
+        "messages": caught,
+        "seconds_per_step": round(seconds / steps, 3),
+    }
+
+
+def _with_new_head(model: nn.Module, classes: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        model.reset_classifier(classes)
+    return model
+
+
+def _reference_gradient(base: nn.Module, data: Any, batch_size: int) -> dict[str, torch.Tensor]:
+    model = copy.deepcopy(base).train()
+    idx = _batches(len(data.train_labels), batch_size, 1)[0]
+    torch.manual_seed(SEED)
+    F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx]).backward()
+    return _flat_grads(model)
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    runs = result["runs"]
+    keys = list(runs)
+    cols = 2
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for method, run in runs[key]["methods"].items():
+            style = {"backprop": dict(color="black", lw=2.5), "default": dict(color="tab:red", lw=2)}.get(method, dict(lw=1.2))
+            label = method + (f" ({run['failed_steps']} failed steps)" if run["failed_steps"] else "")
+            ax.plot(run["steps"], [100 * a for a in run["accuracy"]], marker=".", label=label, **style)
+        fixture = runs[key]["fixture"]
+        ax.set_title(f"{key} (pretrained: {100 * fixture['held_out_accuracy']:.1f} % on 0–4)")
+        ax.set_xlabel("fine-tuning step on digits 5–9")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    methods = list(dict.fromkeys(m for run in runs.values() for m in run["methods"]))
+    lines = ["| fixture | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
+    for key, run in runs.items():
+        cells = []
+        for method in methods:
+            r = run["methods"].get(method)
+            if r is None:
+                cells.append("–")
+                continue
+            cos = r["first_step_grad_cosine"]
+            text = f"{100 * r['final_accuracy']:.1f}" + ("" if cos is None else f" ({cos:.3f})")
+            cells.append(text + (f" [{r['failed_steps']} failed]" if r["failed_steps"] else ""))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small fixtures (32x32) and fewer steps: minutes on 2 cores")
+    parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
+    parser.add_argument("--inits", nargs="+", choices=list(INITS), default=list(INITS))
+    parser.add_argument("--methods", nargs="+", default=None, help=f"subset of {methods_available()}")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--eval-every", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="folder for bench_transfer.json / .png")
+    parser.add_argument("--merge", action="store_true", help="keep the runs already in the output JSON that are not rerun")
+    args = parser.parse_args(argv)
+    preset = dict(PRESETS["quick" if args.quick else "full"])
+    steps = args.steps or preset["steps"]
+    eval_every = args.eval_every or preset["eval_every"]
+    out = args.out or preset["out"]
+    available = methods_available()
+    methods = args.methods or available
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; this version of the library has {available}")
+    if steps < 1 or eval_every < 1:
+        parser.error(f"--steps and --eval-every must be >= 1, got {steps} and {eval_every}")
+
+    json_path = out / "bench_transfer.json"
+    result: dict[str, Any] = {"runs": {}}
+    if args.merge and json_path.exists():
+        result = json.loads(json_path.read_text())
+    config = {
+        "size": preset["size"], "steps": steps, "batch_size": preset["batch_size"], "eval_every": eval_every,
+        "lr": LR, "weight_decay": WEIGHT_DECAY, "optimizer": "AdamW", "seed": SEED, "classes": list(TRANSFER_CLASSES),
+        "default_scheme": default_scheme(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    }
+    if result.get("config", {}).get("size", config["size"]) != config["size"]:
+        parser.error(f"--merge: {json_path} holds size {result['config']['size']!r} runs, this is {config['size']!r}")
+    result["config"] = config
+    commit = _commit()
+    for name in args.models:
+        for init in args.inits:
+            fixture = trained_resnet(name, INITS[init], size=preset["size"])
+            data = digits_split(TRANSFER_CLASSES, fixture.info["recipe"]["image_size"])
+            base = _with_new_head(fixture.model, len(TRANSFER_CLASSES))
+            reference = _reference_gradient(base, data, preset["batch_size"])
+            key = f"{name} {init}"
+            entry = result["runs"].setdefault(key, {"methods": {}})
+            entry["fixture"] = {k: fixture.info[k] for k in ("held_out_accuracy", "recipe_hash", "stages")}
+            for method in methods:
+                run = fine_tune(base, method, data, steps=steps, batch_size=preset["batch_size"], eval_every=eval_every, reference_grad=reference)
+                run["commit"] = commit
+                entry["methods"][method] = run
+                cos = run["first_step_grad_cosine"]
+                print(
+                    f"{key} {method}: held-out {100 * run['final_accuracy']:.1f} % after {steps} steps; first-step cosine "
+                    f"{'n/a' if cos is None else f'{cos:.4f}'}; failed steps {run['failed_steps']}; {run['seconds_per_step']} s/step",
+                    flush=True,
+                )
+                out.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a long job keeps its partial results
+    plot(result, out / "bench_transfer.png")
+    print("\nfinal held-out accuracy % (first-step gradient cosine vs backprop):\n" + table(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
