@@ -16,7 +16,7 @@ from lightning_resode.cli import main
 from lightning_resode.convert import adjoint_stages
 from lightning_resode.lit import GradientFidelity, MemoryMonitor, ReconstructionMonitor, ResodeClassifier, SyntheticDataModule
 
-REQUIRED = {"train/loss", "val/loss", "val/acc", "mem/peak_mib", "mem/activations_mib", "adjoint/grad_cosine"}
+REQUIRED = {"train/loss", "val/loss", "val/acc", "mem/peak_mib_per_image", "mem/peak_backprop_mib_per_image", "mem/activations_mib", "adjoint/grad_cosine"}
 
 
 def wandb_records(run_file: Path) -> list:
@@ -125,12 +125,12 @@ def test_fidelity_fallback_switches_a_low_cosine_stage_to_exact(tmp_path: Path) 
     # almost exactly; reversing it keeps the stage's gradient inexact, which the fallback must catch
     _, model = _fit(tmp_path, [fidelity], stages=["layer1"], top_step_dtype="none")
     assert fidelity.switched == ["layer1"]
-    assert adjoint_stages(model.model)["layer1"].gradient == "checkpoint"
+    assert adjoint_stages(model.model)["layer1"].method == "block"  # exact, per-block inputs
 
 
 @pytest.mark.parametrize(
     ("callback", "kwargs"),
-    [(MemoryMonitor, {"every_n_steps": 0}), (GradientFidelity, {"threshold": 1.5}), (GradientFidelity, {"fallback_gradient": "adjoint"})],
+    [(MemoryMonitor, {"every_n_steps": 0}), (GradientFidelity, {"threshold": 1.5}), (GradientFidelity, {"fallback_method": "euler_fast"})],
 )
 def test_bad_callback_options_fail_naming_the_value(callback: type, kwargs: dict) -> None:
     with pytest.raises(ValueError, match=str(next(iter(kwargs.values())))):
