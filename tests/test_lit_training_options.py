@@ -10,10 +10,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+import torch
+
 from lightning_resode.lit import ResodeClassifier, SyntheticDataModule
+from lightning_resode.lit.ema import ModelEma
 
 LR = 0.1
 
@@ -83,3 +86,70 @@ def test_no_schedule_keeps_the_learning_rate(tmp_path: Path) -> None:
 def test_bad_training_options_fail_naming_the_value(options: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
         ResodeClassifier("resnet10t", **options)
+
+
+class _Seen(pl.Callback):
+    """What the module's weights were after the last training step and during validation."""
+
+    def __init__(self) -> None:
+        self.live: dict[str, torch.Tensor] = {}
+        self.validated: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def _weights(pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.live = self._weights(pl_module)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.validated = self._weights(pl_module)
+
+
+def _fit(root: Path, callbacks: list[pl.Callback], **options: Any) -> tuple[pl.Trainer, ResodeClassifier]:
+    pl.seed_everything(0)
+    model = ResodeClassifier("resnet10t", num_classes=3, optimizer="sgd", lr=0.1, scheduler="none", **options)
+    trainer = pl.Trainer(
+        default_root_dir=root, max_epochs=1, logger=False, callbacks=callbacks, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1,
+    )
+    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=3, image_size=16, train_samples=12, val_samples=4, batch_size=4))
+    return trainer, model
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ema_weights_are_validated_and_checkpointed(tmp_path: Path) -> None:
+    seen = _Seen()
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer, model = _fit(tmp_path, [seen, checkpoint], ema_decay=0.5, freeze=["conv1"], stages=["layer2", "layer3"])
+    assert [type(c) for c in trainer.callbacks if isinstance(c, ModelEma)] == [ModelEma]
+    assert seen.live and seen.validated and not _equal(seen.live, seen.validated)  # validation saw the average
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)  # our own checkpoint
+
+    def network(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k[len("model.") :]: v for k, v in state.items() if k[len("model.") :] in seen.live}
+
+    assert _equal(network(saved["state_dict"]), seen.validated)  # the average, what export_timm_weights writes
+    assert _equal(network(saved["current_model_state"]), seen.live)  # the live weights, for resuming
+    assert _equal(_Seen._weights(model), seen.validated)  # fit ends holding the average
+
+
+def test_channels_last_reaches_the_network(tmp_path: Path) -> None:
+    formats: dict[str, list[bool]] = {"input": [], "layer2": []}
+
+    class _Formats(pl.Callback):
+        def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            network = pl_module.model
+            assert network.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+            for name, module in (("input", network), ("layer2", network.layer2)):
+                module.register_forward_pre_hook(
+                    lambda _, args, name=name: formats[name].append(args[0].is_contiguous(memory_format=torch.channels_last))
+                )
+
+    _, model = _fit(tmp_path, [_Formats()], channels_last=True, stages=["layer2"])
+    assert len(formats["input"]) == 4 and all(formats["input"])  # 3 training steps and 1 validation batch
+    assert len(formats["layer2"]) == 4 and all(formats["layer2"])  # the adjoint stage runs on channels_last activations
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -31,6 +31,7 @@ from ..convert import SCHEME_CHOICES, adjoint_stages, policy_of, supported_stage
 from ..policy import AUTO_CANDIDATES, StagePolicy
 from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
+from .ema import ModelEma
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
 _SCHEDULERS = ("cosine", "step", "multistep", "plateau", "poly", "tanh", "none")
@@ -200,6 +201,8 @@ class ResodeClassifier(pl.LightningModule):
         self._check_stage_names(stages)
         self.policy: StagePolicy | None = self._convert()
         self._check_freeze_names(freeze or [])
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.mixup = (
             Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, num_classes=num_classes)
             if mixup_alpha > 0 or cutmix_alpha > 0
@@ -311,7 +314,14 @@ class ResodeClassifier(pl.LightningModule):
         if self.policy is not None and "resode_policy" in checkpoint:
             self.policy.load_state_dict(checkpoint["resode_policy"])
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if self.hparams.ema_decay is None or self.trainer.state.fn != "fit":
+            return []
+        return [ModelEma(decay=self.hparams.ema_decay)]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:  # the network's weights were converted in __init__
+            images = images.contiguous(memory_format=torch.channels_last)
         return self.model(images)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
