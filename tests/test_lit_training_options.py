@@ -10,12 +10,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
+import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN
 
-import torch
-
-from lightning_resode.lit import ResodeClassifier, SyntheticDataModule
+from lightning_resode.lit import ImageFolderDataModule, ResodeClassifier, SyntheticDataModule
 from lightning_resode.lit.ema import ModelEma
 
 LR = 0.1
@@ -153,3 +154,43 @@ def test_channels_last_reaches_the_network(tmp_path: Path) -> None:
     assert len(formats["input"]) == 4 and all(formats["input"])  # 3 training steps and 1 validation batch
     assert len(formats["layer2"]) == 4 and all(formats["layer2"])  # the adjoint stage runs on channels_last activations
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def _image_folder(root: Path) -> Path:
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (20, 20), color=(60 * i, 80, 120)).save(root / split / label / f"{i}.png")
+    return root
+
+
+def _normalize(transform: Any) -> Any:
+    return next(t for t in transform.transforms if type(t).__name__ == "Normalize")
+
+
+def test_image_folder_takes_the_model_data_config_unless_overridden(tmp_path: Path) -> None:
+    overlay = {"mean": (0.1, 0.2, 0.3), "std": (0.4, 0.5, 0.6), "interpolation": "bilinear", "crop_pct": 0.5}
+    model = ResodeClassifier("resnet10t", num_classes=2, stages=[], model_kwargs={"pretrained_cfg_overlay": overlay})
+    data = ImageFolderDataModule(str(_image_folder(tmp_path / "images")), image_size=16, batch_size=2, num_workers=0)
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=data)
+    for dataset in (data.train_set, data.val_set):
+        normalize = _normalize(dataset.transform)
+        assert normalize.mean.tolist() == pytest.approx(overlay["mean"]) and normalize.std.tolist() == pytest.approx(overlay["std"])
+    resize = data.val_set.transform.transforms[0]  # eval: resize to 16 / crop_pct = 32, then centre-crop 16
+    assert resize.size == 32 and resize.interpolation.value == "bilinear"
+    assert data.val_set[0][0].shape == (3, 16, 16)
+
+    # an explicit setting wins over the model's; without a model, timm's defaults
+    explicit = ImageFolderDataModule(str(tmp_path / "images"), image_size=16, mean=(0.5, 0.5, 0.5), num_workers=0)
+    explicit.trainer = trainer
+    explicit.setup("fit")
+    normalize = _normalize(explicit.val_set.transform)
+    assert normalize.mean.tolist() == pytest.approx([0.5] * 3) and normalize.std.tolist() == pytest.approx(overlay["std"])
+    alone = ImageFolderDataModule(str(tmp_path / "images"), num_workers=0)
+    alone.setup("fit")
+    assert alone.data_config["mean"] == IMAGENET_DEFAULT_MEAN and alone.data_config["input_size"] == (3, 224, 224)

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import timm
+import timm.data
 import timm.optim
 import timm.scheduler
 import timm.utils
@@ -318,6 +319,11 @@ class ResodeClassifier(pl.LightningModule):
         if self.hparams.ema_decay is None or self.trainer.state.fn != "fit":
             return []
         return [ModelEma(decay=self.hparams.ema_decay)]
+
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config of the network (its pretrained weights' input size, interpolation, crop, mean/std):
+        what the DataModules build their transforms from (``lightning_resode.lit.data.model_data_config``)."""
+        return dict(timm.data.resolve_model_data_config(self.model))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:  # the network's weights were converted in __init__
