@@ -7,6 +7,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
 
+from ._lightning_private import averaged_model
+
 
 class ModelEma(EMAWeightAveraging):
     """An exponential moving average of the weights (``ResodeClassifier(ema_decay=…)`` adds it to ``fit``).
@@ -26,10 +28,11 @@ class ModelEma(EMAWeightAveraging):
         """Deferred (see the class docstring)."""
 
     def _average_now(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._average_model is None:
+        average = averaged_model(self)
+        if average is None:
             super().setup(trainer, pl_module, "fit")
         else:  # taken on restore, before the strategy moved the module to its device
-            self._average_model.to(pl_module.device)
+            average.to(pl_module.device)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         if trainer.state.fn == "fit":

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from ._lightning_private import quiet_wandb_init
 
 
 def wandb_credentials_available() -> bool:
@@ -17,6 +21,29 @@ def wandb_credentials_available() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (FileNotFoundError, netrc.NetrcParseError, OSError):
         return False
+
+
+def logger_specs(
+    root_dir: str | Path,
+    wandb: bool = True,
+    project: str = "lightning-resode",
+    run_name: str | None = None,
+    tensorboard: bool = False,
+) -> list[dict[str, Any]]:
+    """The loggers ``build_loggers`` creates, as ``class_path``/``init_args`` entries (what ``--print_config`` shows)."""
+    root = str(root_dir)
+    specs: list[dict[str, Any]] = [{"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": root, "name": "csv"}}]
+    if wandb:
+        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_credentials_available()
+        specs.append(
+            {
+                "class_path": "lightning.pytorch.loggers.WandbLogger",
+                "init_args": {"save_dir": root, "project": project, "name": run_name, "offline": offline},
+            }
+        )
+    if tensorboard:
+        specs.append({"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": root, "name": "tensorboard"}})
+    return specs
 
 
 def build_loggers(
@@ -34,12 +61,21 @@ def build_loggers(
         project, run_name: W&B project and run name.
         tensorboard: also write TensorBoard event files under ``<root_dir>/tensorboard``.
     """
-    root = Path(root_dir)
-    loggers: list[Logger] = [CSVLogger(save_dir=str(root), name="csv")]
-    if wandb:
-        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or not wandb_credentials_available()
-        (root / "wandb").mkdir(parents=True, exist_ok=True)
-        loggers.append(WandbLogger(save_dir=str(root), project=project, name=run_name, offline=offline))
-    if tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(root), name="tensorboard"))
+    loggers = []
+    for spec in logger_specs(root_dir, wandb=wandb, project=project, run_name=run_name, tensorboard=tensorboard):
+        loggers.append(_instantiate(spec))
     return loggers
+
+
+def _instantiate(spec: dict[str, Any]) -> Logger:
+    module, _, name = spec["class_path"].rpartition(".")
+    return prepare_logger(getattr(importlib.import_module(module), name)(**spec.get("init_args", {})))
+
+
+def prepare_logger(logger: Logger) -> Logger:
+    """W&B: its directory exists before the run starts, and no warning about the ``anonymous`` setting (Lightning
+    always passes it to ``wandb.init``, which then warns that it has no effect). Other loggers as they are."""
+    if isinstance(logger, WandbLogger):
+        Path(logger.save_dir or ".", "wandb").mkdir(parents=True, exist_ok=True)
+        quiet_wandb_init(logger)
+    return logger
