@@ -5,6 +5,7 @@ and the data pipeline takes the model's own data config."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN
 
-from lightning_resode.lit import ImageFolderDataModule, ResodeClassifier, SyntheticDataModule
+from lightning_resode.lit import GradientFidelity, ImageFolderDataModule, MemoryMonitor, ResodeClassifier, SyntheticDataModule
 from lightning_resode.lit.ema import ModelEma
 
 LR = 0.1
@@ -194,3 +195,36 @@ def test_image_folder_takes_the_model_data_config_unless_overridden(tmp_path: Pa
     alone = ImageFolderDataModule(str(tmp_path / "images"), num_workers=0)
     alone.setup("fit")
     assert alone.data_config["mean"] == IMAGENET_DEFAULT_MEAN and alone.data_config["input_size"] == (3, 224, 224)
+
+
+def test_per_stage_rows_land_in_a_wandb_table(tmp_path: Path) -> None:
+    pl.seed_everything(0)
+    model = ResodeClassifier("resnet10t", num_classes=3, stages=["layer2", "layer3"], scheduler="none")
+    wandb_logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="tables")
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_steps=2, logger=[CSVLogger(tmp_path, name="csv"), wandb_logger],
+        callbacks=[GradientFidelity(every_n_steps=1, sample_images=2), MemoryMonitor(every_n_steps=1)],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+    )
+    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=3, image_size=16, train_samples=8, batch_size=4))
+    wandb_logger.experiment.finish()
+
+    def rows(key: str) -> list[dict]:
+        tables = sorted(tmp_path.glob(f"wandb/offline-run-*/files/media/table/{key}_*.table.json"))
+        assert tables, f"no W&B table {key}"
+        seen = {}
+        for path in tables:  # incremental: each file holds the rows of one check
+            table = json.loads(path.read_text())
+            for values in table["data"]:
+                row = dict(zip(table["columns"], values))
+                seen[(row["step"], row["stage"])] = row
+        return list(seen.values())
+
+    (metrics,) = tmp_path.glob("csv/version_*/metrics.csv")
+    steps = sorted({int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("adjoint/grad_cosine")})
+    assert len(steps) == 2  # the rows carry the step the CSV log gives the same measurements
+    fidelity = rows("adjoint/stages")
+    assert sorted((r["step"], r["stage"]) for r in fidelity) == [(s, n) for s in steps for n in ("layer2", "layer3")]
+    assert all(0.9 < r["grad_cosine"] <= 1.0 + 1e-6 and r["fallback"] is False for r in fidelity)
+    memory = rows("mem/stages")
+    assert [r["step"] for r in memory] == steps and all(r["activations_mib"] < r["activations_backprop_mib"] for r in memory)

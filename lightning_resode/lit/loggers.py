@@ -5,12 +5,16 @@ from __future__ import annotations
 import importlib
 import netrc
 import os
+import weakref
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, WandbLogger
 
-from ._lightning_private import quiet_wandb_init
+from ._lightning_private import logging_step, quiet_wandb_init
+
+_TABLES: weakref.WeakKeyDictionary[WandbLogger, dict[str, Any]] = weakref.WeakKeyDictionary()
 
 
 def wandb_credentials_available() -> bool:
@@ -79,3 +83,30 @@ def prepare_logger(logger: Logger) -> Logger:
         Path(logger.save_dir or ".", "wandb").mkdir(parents=True, exist_ok=True)
         quiet_wandb_init(logger)
     return logger
+
+
+def log_stage_rows(trainer: pl.Trainer, key: str, rows: list[dict[str, Any]]) -> None:
+    """Append ``rows`` (one per stage, same keys each time) to the W&B table ``key``, with the training step as
+    first column, so the dashboard shows per-stage figures without custom panels. Loggers other than W&B
+    already get the same figures as metrics: for them this does nothing.
+
+    The table is logged incrementally (``wandb.Table(log_mode="INCREMENTAL")``): each call uploads its new rows.
+    """
+    if not rows or not trainer.is_global_zero:
+        return
+    step = logging_step(trainer)  # the step the same measurement has in the other loggers
+    for logger in trainer.loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        tables = _TABLES.setdefault(logger, {})
+        if key not in tables:
+            import wandb
+
+            tables[key] = wandb.Table(columns=["step", *rows[0]], log_mode="INCREMENTAL")
+        table = tables[key]
+        for row in rows:
+            unknown = set(row) - set(table.columns)
+            if unknown:
+                raise ValueError(f"table {key!r} has columns {table.columns}; rows cannot add {sorted(unknown)}")
+            table.add_data(step, *(row.get(column) for column in table.columns[1:]))
+        logger.log_metrics({key: table}, step=step)
