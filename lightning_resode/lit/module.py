@@ -325,13 +325,17 @@ class ResodeClassifier(pl.LightningModule):
         what the DataModules build their transforms from (``lightning_resode.lit.data.model_data_config``)."""
         return dict(timm.data.resolve_model_data_config(self.model))
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
         if self.hparams.channels_last:  # the network's weights were converted in __init__
-            images = images.contiguous(memory_format=torch.channels_last)
-        return self.model(images)
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(self._layout(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        images = self._layout(images)  # the stage policy measures the layout training runs in
         self._calibrate_if_due(images, targets)
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, soft_targets = self.mixup(images, targets)
