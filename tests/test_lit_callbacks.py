@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import struct
+import time
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -44,6 +45,21 @@ def wandb_records(run_file: Path) -> list:
     return out
 
 
+def finished_wandb_records(root: Path, timeout: float = 120.0) -> list:
+    """The records of the one W&B offline run under ``root``, once W&B has written its exit record.
+
+    ``wandb.finish()`` can return while W&B's service process is still writing the run file (on a loaded
+    machine, with tables to store), so a test that reads the file right away waits for the run's last record.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        (run_file,) = root.glob("wandb/offline-run-*/*.wandb")
+        records = wandb_records(run_file)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def _key(item: object) -> str:
     return item.key or "/".join(item.nested_key)  # type: ignore[attr-defined]
 
@@ -73,8 +89,7 @@ def test_cli_fit_logs_required_metrics_to_csv_and_wandb(tmp_path: Path) -> None:
     backprop = [float(r["mem/activations_backprop_mib"]) for r in rows if r["mem/activations_backprop_mib"]]
     assert activations and backprop and activations[0] < backprop[0]
 
-    (run_file,) = tmp_path.glob("wandb/offline-run-*/*.wandb")
-    records = wandb_records(run_file)
+    records = finished_wandb_records(tmp_path)
     history = {_key(item) for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
     assert REQUIRED <= history, REQUIRED - history
     summary = {_key(u) for r in records if r.WhichOneof("record_type") == "summary" for u in r.summary.update}

@@ -10,6 +10,7 @@ from .data import (
     ImageReadError,
     SyntheticDataModule,
 )
+from .ema import ModelEma
 from .loggers import build_loggers
 from .module import ResodeClassifier, export_timm_weights, load_weights_file
 from .prediction import PredictionWriter
@@ -25,6 +26,7 @@ __all__ = [
     "ImageReadError",
     "InterruptCheckpoint",
     "MemoryMonitor",
+    "ModelEma",
     "PredictionWriter",
     "ReconstructionMonitor",
     "ResodeClassifier",

@@ -28,6 +28,7 @@ from ..convert import adjoint_stages, from_adjoint, policy_of
 from ..fidelity import exact_stages, side_effect_free, stage_fidelity
 from ..measure import peak_per_image, saved_activation_bytes
 from ._lightning_private import logging_step, request_stop_after_batch
+from .loggers import log_stage_rows
 
 _MIB = 2.0**20
 
@@ -162,6 +163,7 @@ class MemoryMonitor(pl.Callback):
             }
         )
         _log(trainer, metrics)
+        log_stage_rows(trainer, "mem/stages", [{"stage": "model", "activations_mib": self.activations_mib, "activations_backprop_mib": self.backprop_activations_mib, "peak_mib_per_image": self.peak_mib_per_image, "peak_backprop_mib_per_image": self.backprop_peak_mib_per_image}])  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"peak_mib": self.peak_mib}
@@ -238,6 +240,7 @@ class GradientFidelity(pl.Callback):
             self._maybe_switch(pl_module, model, cosines)
             metrics.update({f"adjoint/fallback/{name}": 1.0 for name in self.switched})
         _log(trainer, metrics)
+        log_stage_rows(trainer, "adjoint/stages", [{"stage": n, "grad_cosine": c, "fallback": n in self.switched} for n, c in cosines.items() if n])  # fmt: skip
 
     def _maybe_switch(self, pl_module: pl.LightningModule, model: nn.Module, cosines: dict[str, float]) -> None:
         stages = adjoint_stages(model)
