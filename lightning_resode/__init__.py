@@ -24,7 +24,9 @@ _EXPORTS = {
     "diagnose": ".diagnose",
     "from_adjoint": ".convert",
     "to_adjoint": ".convert",
+    "policy_of": ".convert",
     "saved_activation_bytes": ".measure",
+    "peak_per_image": ".measure",
     "OdeResNet": ".ode_resnet",  # importing it also registers the "ode_resnet" timm model
 }
 
@@ -39,9 +41,9 @@ if TYPE_CHECKING:
         ReconstructionError,
         ShapeChangeError,
     )
-    from .convert import adjoint_stages, from_adjoint, to_adjoint
+    from .convert import adjoint_stages, from_adjoint, policy_of, to_adjoint
     from .diagnose import diagnose
-    from .measure import saved_activation_bytes
+    from .measure import peak_per_image, saved_activation_bytes
     from .ode_resnet import OdeResNet
 
 
