@@ -16,19 +16,28 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
 from .convert import adjoint_stages
 from .lit import data as _data  # noqa: F401  (makes the DataModules resolvable by class name)
-from .lit.callbacks import FitSummary, GradientFidelity, InterruptCheckpoint, MemoryMonitor, ReconstructionMonitor
+from .lit.callbacks import FitSummary, GradientFidelity, MemoryMonitor, ReconstructionMonitor
+from .lit.checkpointing import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    RandomStateCheckpoint,
+    ResodeModelCheckpoint,
+    unreadable_checkpoint,
+)
 from .lit.loggers import build_loggers
 from .lit.module import ResodeClassifier
 from .lit.prediction import PredictionWriter
@@ -92,7 +101,7 @@ class ResodeCLI(LightningCLI):
         parser.add_lightning_class_args(MemoryMonitor, "memory")
         parser.add_lightning_class_args(GradientFidelity, "fidelity")
         parser.add_lightning_class_args(ReconstructionMonitor, "reconstruction")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResodeModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.set_defaults(
             {
@@ -127,6 +136,14 @@ class ResodeCLI(LightningCLI):
             # the checkpoint's weights replace the hub's: evaluating a fine-tuned model needs no download
             config["model"]["pretrained"] = False
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters of ``--ckpt_path`` first: say so when the file is not a checkpoint."""
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise unreadable_checkpoint(path, err) from None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.diagnose_mode:
             return None  # type: ignore[return-value]  # diagnose runs the model itself, no Trainer needed
@@ -135,12 +152,23 @@ class ResodeCLI(LightningCLI):
         if trainer_config.get("logger") in (None, True):
             root = trainer_config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = build_loggers(root, **config["logging"].as_dict())
-        extra = [FitSummary(), InterruptCheckpoint()]
+        extra = [FitSummary(), InterruptCheckpoint(), RandomStateCheckpoint()]
+        kwargs["plugins"] = _with_atomic_checkpoints(kwargs.get("plugins", trainer_config.get("plugins")))
         if trainer_config.get("enable_progress_bar") is not False:
             extra.append(RichProgressBar())
         callbacks = list(kwargs.pop("callbacks", None) or trainer_config.get("callbacks") or [])
         kwargs["callbacks"] = callbacks + extra
         return super().instantiate_trainer(**kwargs)
+
+
+def _with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """Checkpoints are written atomically unless the recipe brings its own ``CheckpointIO``."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([] if plugins is None else [plugins])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def _make_cli(args: list[str] | None, *, run: bool, parser_kwargs: dict[str, Any] | None = None) -> ResodeCLI:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +32,8 @@ from ..convert import SCHEME_CHOICES, adjoint_stages, policy_of, supported_stage
 from ..policy import AUTO_CANDIDATES, StagePolicy
 from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
+from .checkpointing import atomic_save, safe_load
+from .guards import check_finite_input, check_finite_loss
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
 Scheme = Literal["auto", "euler_fast", "euler", "heun", "block_fp16", "block_bf16", "block", "checkpoint", "backprop"]
@@ -262,12 +265,14 @@ class ResodeClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        check_finite_input(images, self.global_step)
         self._calibrate_if_due(images, targets)
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, soft_targets = self.mixup(images, targets)
             loss = torch.sum(-soft_targets * F.log_softmax(self(images), dim=-1), dim=-1).mean()
         else:
             loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        check_finite_loss(loss, self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -339,7 +344,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = safe_load(path)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if any(k.startswith(_MODEL_PREFIX) for k in state):
@@ -365,14 +370,21 @@ def export_timm_weights(checkpoint: str | Path, output: str | Path) -> Path:
     pretrained_cfg_overlay=dict(file=str(output), num_classes=N))`` (N in the overlay too, or timm
     re-initialises the classifier as a mismatched head).
     """
-    state = _read_state_dict(Path(checkpoint))
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists() and output.resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"export_timm_weights would overwrite its input {str(checkpoint)!r}; write to another file")
+    state = _read_state_dict(Path(checkpoint))
     state = {k: v.contiguous() for k, v in state.items()}
     if output.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(output))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        try:
+            save_file(state, str(temporary))
+            os.replace(temporary, output)
+        finally:
+            temporary.unlink(missing_ok=True)
     else:
-        torch.save(state, str(output))
+        atomic_save(state, output)
     return output
