@@ -140,6 +140,18 @@ class ResodeModelCheckpoint(ModelCheckpoint):
             self.last_model_path = name  # the file this run owns: overwrite it (atomically), do not version it
         super()._save_last_checkpoint(trainer, monitor_candidates)
 
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """A fit that reaches ``max_steps`` mid-epoch leaves that step in ``last.ckpt`` (Lightning would not save it)."""
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        reached = 0 < trainer.max_steps <= trainer.global_step
+        if self.save_last and reached and not trainer.fast_dev_run and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Never write ``last.ckpt`` or a top-k file from a failing run: ``InterruptCheckpoint`` owns that case."""
+        if self.save_on_exception:
+            rank_zero_warn("checkpoint.save_on_exception is ignored: a failing fit saves checkpoints/interrupted.ckpt instead")
+
     def _find_last_checkpoints(self, trainer: pl.Trainer) -> set[str]:
         found = super()._find_last_checkpoints(trainer)
         if self.dirpath is not None:

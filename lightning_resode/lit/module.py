@@ -308,9 +308,13 @@ class ResodeClassifier(pl.LightningModule):
         if hp.scheduler == "none":
             return optimizer
         # from the epoch length alone (not max_steps), so a run stopped early and resumed keeps the same schedule
-        if self.trainer.train_dataloader is None:
-            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
+        fit_loop = self.trainer.fit_loop
+        built_early = fit_loop._combined_loader is None
+        if built_early:
+            fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
         batches = self.trainer.num_training_batches
+        if built_early:  # let fit() build it again after the restore, which applies the checkpoint's data position
+            fit_loop._combined_loader = None
         if not math.isfinite(batches):
             raise ValueError("scheduler needs a sized training DataLoader; set scheduler='none' or limit_train_batches")
         updates_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
