@@ -305,6 +305,7 @@ class ResodeClassifier(pl.LightningModule):
         optimizer = timm.optim.create_optimizer_v2(
             self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
         )
+        _check_optimizer_precision(optimizer, self.trainer.precision)
         if hp.scheduler == "none":
             return optimizer
         # from the epoch length alone (not max_steps), so a run stopped early and resumed keeps the same schedule
@@ -338,6 +339,20 @@ class ResodeClassifier(pl.LightningModule):
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         # timm schedulers take the update count instead of counting calls, so a resumed run lands on the same LR.
         scheduler.step_update(num_updates=self.global_step)
+
+
+def _check_optimizer_precision(optimizer: torch.optim.Optimizer, precision: str) -> None:
+    """float16 weights keep the optimizer state in float16 too, where an ``eps`` like AdamW's 1e-8 rounds to 0."""
+    if str(precision) not in ("16-true", "16"):
+        return
+    smallest = torch.finfo(torch.float16).tiny
+    eps = [g["eps"] for g in optimizer.param_groups if isinstance(g.get("eps"), float) and g["eps"] < smallest]
+    if eps:
+        raise ValueError(
+            f"precision='16-true' with optimizer {type(optimizer).__name__} (eps={eps[0]:g}) diverges: its state is "
+            f"float16, where eps rounds to {float(torch.tensor(eps[0], dtype=torch.float16)):g}. Use bf16-true, "
+            "bf16-mixed or 16-mixed (float32 weights), or an optimizer without eps (sgd, lion)"
+        )
 
 
 # ---------------------------------------------------------------------- weights in and out
