@@ -255,6 +255,11 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not classes:
             raise ValueError(f"image folder {str(folder)!r} has no class sub-folders")
+        if len(classes) == 1:
+            raise ValueError(
+                f"image folder {str(folder)!r} has one class sub-folder ({classes[0]!r}); a classifier needs at least "
+                "two, one folder per class (<root>/<split>/<class>/*)"
+            )
         return classes
 
     def _transform(self, training: bool) -> Any:

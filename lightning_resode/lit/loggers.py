@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import netrc
 import os
 from pathlib import Path
@@ -19,6 +20,16 @@ def wandb_credentials_available() -> bool:
         return False
 
 
+def _tensorboard_available() -> bool:
+    for name in ("tensorboard", "tensorboardX"):  # what Lightning's TensorBoardLogger can write with
+        try:
+            importlib.import_module(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
 def build_loggers(
     root_dir: str | Path,
     wandb: bool = True,
@@ -34,6 +45,11 @@ def build_loggers(
         project, run_name: W&B project and run name.
         tensorboard: also write TensorBoard event files under ``<root_dir>/tensorboard``.
     """
+    if tensorboard and not _tensorboard_available():
+        raise ImportError(
+            "logging.tensorboard=true needs TensorBoard, which is not installed: "
+            "pip install 'lightning-resode[tensorboard]' (or: pip install tensorboard)"
+        )
     root = Path(root_dir)
     loggers: list[Logger] = [CSVLogger(save_dir=str(root), name="csv")]
     if wandb:

@@ -11,6 +11,7 @@ import difflib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,8 +78,10 @@ class ResodeClassifier(pl.LightningModule):
             is set (the local file is the starting point).
         num_classes: classifier outputs (linked from the DataModule by the CLI).
         weights_file: a local ``.safetensors``/``.pth``/``.ckpt`` to initialise from (timm keys, or a Lightning
-            checkpoint of this module); the classifier head is skipped when its shape differs. The two-phase
+            checkpoint of this module); only the classifier may differ (another number of classes). The two-phase
             route loads the tied phase's checkpoint into the untied model this way.
+        weights_partial: let ``weights_file`` differ beyond the classifier (keys of another shape, missing or
+            unknown are skipped, with a warning listing them); otherwise that is an error naming the keys.
         model_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, ODE ResNet ``depth``…).
         stages: stage names to convert (``["layer3", "layer4"]``); ``None`` converts all, ``[]`` none.
         scheme: how each converted stage computes its gradient. ``auto`` (default): per stage, the method
@@ -111,6 +114,7 @@ class ResodeClassifier(pl.LightningModule):
         pretrained: bool = False,
         num_classes: int = 10,
         weights_file: str | None = None,
+        weights_partial: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         stages: list[str] | None = None,
         scheme: Scheme = "auto",
@@ -137,15 +141,15 @@ class ResodeClassifier(pl.LightningModule):
         _check_model_name(model_name)
         if scheme not in SCHEME_CHOICES:
             raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (a classifier with one class has nothing to learn), got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
         self.model = _build_timm_model(model_name, pretrained and weights_file is None, num_classes, model_kwargs or {})
         if weights_file is not None:
-            load_weights_file(self.model, weights_file)
+            load_weights_file(self.model, weights_file, partial=weights_partial)
         self._check_stage_names(stages)
         self.policy: StagePolicy | None = self._convert()
         self._check_freeze_names(freeze or [])
@@ -371,15 +375,45 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Initialise ``model`` from timm-keyed weights or a Lightning checkpoint; a head of another shape is skipped."""
+def _classifier_prefix(model: nn.Module) -> str | None:
+    """``fc.`` / ``head.fc.``: the state_dict prefix of timm's classifier, the one part a fine-tune may reshape."""
+    get = getattr(model, "get_classifier", None)
+    classifier = get() if callable(get) else None
+    if not isinstance(classifier, nn.Module):
+        return None
+    return next((f"{name}." for name, module in model.named_modules() if module is classifier and name), None)
+
+
+def load_weights_file(model: nn.Module, path: str | Path, partial: bool = False) -> list[str]:
+    """Initialise ``model`` from timm-keyed weights or a Lightning checkpoint; returns the keys it skipped.
+
+    Only the classifier may differ (another number of classes): any other key of another shape, missing from the
+    file or unknown to the model is an error naming them, unless ``partial=True``, which loads what matches and
+    warns with the list of what it skipped.
+    """
     state = _read_state_dict(Path(path))
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ValueError(f"weights file {str(path)!r} has keys this model lacks, e.g. {unknown[:5]}")
-    mismatched = {k for k, v in state.items() if own[k].shape != v.shape}
-    model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
+    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    head = _classifier_prefix(model)
+    outside_head = [k for k in unknown + mismatched + missing if head is None or not k.startswith(head)]
+    if outside_head and not partial:
+        parts = [f"{len(keys)} key(s) {what} (e.g. {keys[:3]})" for what, keys in (
+            ("of another shape", [k for k in mismatched if k in outside_head]),
+            ("missing from the file", [k for k in missing if k in outside_head]),
+            ("unknown to the model", [k for k in unknown if k in outside_head]),
+        ) if keys]
+        raise ValueError(
+            f"weights file {str(path)!r} does not fit this model beyond its classifier ({head or 'none found'}): "
+            f"{'; '.join(parts)}. Check model_name/model_kwargs, or load what matches with "
+            "partial=True (model.weights_partial=true)"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    skipped = sorted(set(unknown + mismatched + missing))
+    if skipped:
+        warnings.warn(f"weights file {str(path)!r}: skipped {len(skipped)} key(s) that do not fit: {skipped[:20]}", stacklevel=2)
+    return skipped
 
 
 def export_timm_weights(checkpoint: str | Path, output: str | Path) -> Path:
