@@ -25,7 +25,7 @@ from ..adjoint.methods import METHODS
 from ..convert import adjoint_stages, from_adjoint, policy_of
 from ..fidelity import exact_stages, side_effect_free, stage_fidelity
 from ..measure import peak_per_image, saved_activation_bytes
-from ._lightning_private import logging_step
+from ._lightning_private import logging_step, optimizer_stepped_on_this_batch
 from .checkpointing import InterruptCheckpoint  # noqa: F401  (re-exported: it used to live here)
 
 _MIB = 2.0**20
@@ -42,6 +42,9 @@ def _network(pl_module: pl.LightningModule) -> nn.Module:
 
 
 def _due(trainer: pl.Trainer, every_n_steps: int, upcoming: bool = False) -> bool:
+    """Steps 1, 1+n, …; after a batch, only on the micro-batch that stepped (once per step when accumulating)."""
+    if not upcoming and not optimizer_stepped_on_this_batch(trainer):
+        return False  # gradients are being accumulated: no optimizer step ended with this batch
     # after a step, global_step has already advanced past the step that just finished
     return (trainer.global_step - (0 if upcoming else 1)) % every_n_steps == 0
 
