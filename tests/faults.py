@@ -34,3 +34,14 @@ class ExplodeLearningRate(pl.Callback):
         if trainer.global_step >= self.step:
             for group in trainer.optimizers[0].param_groups:
                 group["lr"] = self.lr
+
+
+class FailAtStep(pl.Callback):
+    """Raises in the middle of the batch that would make optimizer step ``step + 1`` (after its data was fetched)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError(f"injected failure at step {self.step}")

@@ -139,3 +139,16 @@ def test_a_file_that_is_not_a_checkpoint_is_named_as_such(content: bytes, run: P
     with pytest.raises(ValueError, match="not a checkpoint") as info:
         export_timm_weights(bogus, run / "w.safetensors")
     assert "weights_only" not in str(info.value)
+
+
+class _Pickled:
+    def __reduce__(self):  # noqa: ANN204  (what a malicious checkpoint does: call a function when loaded)
+        return (os.getcwd, ())
+
+
+def test_a_checkpoint_holding_pickled_code_is_refused_without_advising_an_unsafe_load(run: Path) -> None:
+    evil = run / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": _Pickled()}, evil)
+    with pytest.raises(ValueError, match=r"refusing to load .*pickled Python object \(posix.getcwd\)") as info:
+        main(["fit", *TINY, f"--trainer.default_root_dir={run}", f"--ckpt_path={evil}"])
+    assert "weights_only" not in str(info.value)

@@ -67,6 +67,17 @@ def test_signal_mid_epoch_then_resume_reproduces_every_loss(signum: int, straigh
     assert not list(checkpoints.glob("last-v*.ckpt"))
 
 
+def test_an_error_mid_batch_saves_the_state_before_that_batch_and_resume_trains_it_again(
+    straight: dict[int, float], tmp_path: Path
+) -> None:
+    run = ["fit", *BASE, f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(RuntimeError, match="injected failure at step 6"):
+        main([*run, "--trainer.callbacks+=faults.FailAtStep", "--trainer.callbacks.step=6"])
+    assert _step(tmp_path / "checkpoints" / "interrupted.ckpt") == 6
+    main([*run, "--ckpt_path=last"])
+    assert _losses(tmp_path) == straight
+
+
 def test_a_run_stopped_by_max_steps_mid_epoch_continues_exactly(straight: dict[int, float], tmp_path: Path) -> None:
     run = ["fit", *BASE, f"--trainer.default_root_dir={tmp_path}"]
     main([*run, "--trainer.max_steps=5"])

@@ -77,7 +77,7 @@ def unreadable_checkpoint(path: str | Path, error: BaseException) -> ValueError:
             f"{str(path)!r} is not a checkpoint: torch.save did not write it (a .ckpt, .pth or .pt file is a zip "
             "archive); check the path, or whether the copy was truncated"
         )
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    unsafe = re.search(r"(?:Unsupported global: |unsupported )GLOBAL ([\w.]+)", str(error))
     if unsafe:
         return ValueError(
             f"refusing to load {str(path)!r}: it holds a pickled Python object ({unsafe.group(1)}), which loading "
@@ -179,13 +179,19 @@ def _weights_and_optimizer_finite(trainer: pl.Trainer, pl_module: pl.LightningMo
 
 
 def _rewind_unfinished_batch(trainer: pl.Trainer) -> None:
-    """A batch that was fetched but not finished is trained again on resume: give it back to resumable loaders."""
-    progress = trainer.fit_loop.epoch_loop.batch_progress.current
-    unfinished = progress.ready - progress.completed
-    loader = trainer.fit_loop._combined_loader
-    if unfinished <= 0 or loader is None:
+    """Make a checkpoint taken mid-batch look like one taken after the previous batch (as a SIGTERM one is).
+
+    The failed batch was fetched and maybe half-run: the loop counters forget it (Lightning then resumes as from
+    a batch boundary) and resumable loaders hand it out again, so a resume trains it as the first batch.
+    """
+    progress = trainer.fit_loop.epoch_loop.batch_progress
+    unfinished = progress.current.ready - progress.current.completed
+    if unfinished <= 0:
         return
-    for dataloader in loader.flattened:
+    for tracker in (progress.current, progress.total):
+        tracker.ready = tracker.started = tracker.processed = tracker.completed
+    loader = trainer.fit_loop._combined_loader
+    for dataloader in loader.flattened if loader is not None else []:
         rewind = getattr(dataloader, "rewind", None)
         if callable(rewind):
             rewind(unfinished)
@@ -296,8 +302,19 @@ class RandomStateCheckpoint(pl.Callback):
     def __init__(self) -> None:
         super().__init__()
         self._pending: dict[str, Any] | None = None
+        self._batch_start: dict[str, Any] | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_start = self._capture()  # what a checkpoint of a batch that fails half-way must hold
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._batch_start = None
 
     def state_dict(self) -> dict[str, Any]:
+        return self._batch_start if self._batch_start is not None else self._capture()
+
+    @staticmethod
+    def _capture() -> dict[str, Any]:
         version, internal, gauss = random.getstate()
         state: dict[str, Any] = {
             "torch": torch.random.get_rng_state(),
