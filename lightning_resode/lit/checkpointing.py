@@ -134,6 +134,11 @@ class ResodeModelCheckpoint(ModelCheckpoint):
     documented ``last.ckpt`` stale. ``--ckpt_path last`` also considers ``interrupted.ckpt`` (newest file wins).
     """
 
+    @property
+    def state_key(self) -> str:
+        """Lightning's ``ModelCheckpoint`` key, so checkpoints written before this subclass restore its state."""
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, torch.Tensor]) -> None:
         if self.save_last and self.dirpath is not None:
             name = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)

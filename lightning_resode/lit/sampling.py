@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset, get_worker_info
 
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
@@ -31,36 +31,54 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return (seed * _MIX[0] + (epoch + 1) * _MIX[1] + (index + 1) * _MIX[2]) % 2**63
 
 
+def _reseed(seed: int) -> None:
+    torch.default_generator.manual_seed(seed)  # CPU only: CUDA streams (dropout) stay untouched
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+
+
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Seed the CPU torch, NumPy and Python generators; put their previous states back afterwards."""
-    python, numpy = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)  # CPU only: CUDA streams (dropout) stay untouched
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        try:
-            yield
-        finally:
-            random.setstate(python)
-            np.random.set_state(numpy)
+    """Seed the CPU torch, NumPy and Python generators for one sample.
+
+    In the training process (``num_workers=0``) their previous states are put back afterwards, since dropout
+    and mixup draw from them; a worker process has nothing else to preserve (and saves ~0.1 ms per sample).
+    """
+    if get_worker_info() is not None:
+        _reseed(seed)
+        yield
+        return
+    python, numpy, cpu = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    _reseed(seed)
+    try:
+        yield
+    finally:
+        torch.default_generator.set_state(cpu)
+        random.setstate(python)
+        np.random.set_state(numpy)
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset; an ``(index, seed)`` key loads ``dataset[index]`` under that seed, a plain index as is."""
+    """Wraps a dataset; an ``(index, seed)`` key loads ``dataset[index]`` under that seed, a plain index as is.
+
+    Tensors already in memory (``TensorDataset``: digits, synthetic data) draw nothing and skip the seeding.
+    """
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
+        self.seeded = not isinstance(dataset, TensorDataset)
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, tuple):
-            index, seed = key
-            with _seeded(seed):
-                return self.dataset[index]
-        return self.dataset[key]
+        if not isinstance(key, tuple):
+            return self.dataset[key]
+        index, seed = key
+        if not self.seeded:
+            return self.dataset[index]
+        with _seeded(seed):
+            return self.dataset[index]
 
 
 class ResumableSampler(DistributedSampler):
