@@ -37,6 +37,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from ._lightning_private import request_stop_after_batch, train_loaders
 from .guards import TrainingDivergedError
 
 INTERRUPTED_NAME = "interrupted"
@@ -195,8 +196,7 @@ def _rewind_unfinished_batch(trainer: pl.Trainer) -> None:
         return
     for tracker in (progress.current, progress.total):
         tracker.ready = tracker.started = tracker.processed = tracker.completed
-    loader = trainer.fit_loop._combined_loader
-    for dataloader in loader.flattened if loader is not None else []:
+    for dataloader in train_loaders(trainer):
         rewind = getattr(dataloader, "rewind", None)
         if callable(rewind):
             rewind(unfinished)
@@ -234,11 +234,10 @@ class InterruptCheckpoint(pl.Callback):
         self._training_started = True  # Lightning has restored weights, optimizer and loops by now
 
     def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
-        connector = self._trainer._signal_connector  # type: ignore[union-attr]  # Lightning's SIGTERM flag
-        if connector.received_sigterm:
+        if self._trainer.received_sigterm:  # type: ignore[union-attr]  # Lightning's flag: checked after each batch
             raise KeyboardInterrupt
         self._signum = signum
-        connector.received_sigterm = True
+        request_stop_after_batch(self._trainer)  # type: ignore[arg-type]
         rank_zero_info("Ctrl-C: finishing this batch, then saving a checkpoint (press Ctrl-C again to stop at once)")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -33,6 +33,7 @@ from ..convert import SCHEME_CHOICES, adjoint_stages, policy_of, supported_stage
 from ..policy import AUTO_CANDIDATES, StagePolicy
 from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
+from ._lightning_private import forget_train_loader, train_loaders
 from .checkpointing import atomic_save, safe_load
 from .guards import check_finite_input, check_finite_loss
 
@@ -313,13 +314,12 @@ class ResodeClassifier(pl.LightningModule):
         if hp.scheduler == "none":
             return optimizer
         # from the epoch length alone (not max_steps), so a run stopped early and resumed keeps the same schedule
-        fit_loop = self.trainer.fit_loop
-        built_early = fit_loop._combined_loader is None
+        built_early = not train_loaders(self.trainer)
         if built_early:
-            fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
+            self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
         batches = self.trainer.num_training_batches
-        if built_early:  # let fit() build it again after the restore, which applies the checkpoint's data position
-            fit_loop._combined_loader = None
+        if built_early:  # fit() builds it again after the restore, which applies the checkpoint's data position
+            forget_train_loader(self.trainer)
         if not math.isfinite(batches):
             raise ValueError("scheduler needs a sized training DataLoader; set scheduler='none' or limit_train_batches")
         updates_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
