@@ -7,6 +7,8 @@ stages, ``ResodeClassifier`` must refuse it at setup, naming the supported ones.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -21,11 +23,12 @@ SCHEMES = ["euler_fast", "euler", "heun", "checkpoint", "backprop", "block", "bl
 TINY = dict(channels=(8, 16, 32, 64), stem_width=8)
 
 
-def _trainer(precision: str) -> pl.Trainer:
+def _trainer(precision: str, root: Path) -> pl.Trainer:
     try:
         return pl.Trainer(
             accelerator="cpu", devices=1, precision=precision, max_steps=2, limit_train_batches=2, limit_val_batches=0,
             logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=str(root),
         )
     except Exception as err:  # noqa: BLE001  (Lightning's own refusal, e.g. fp16 autocast on CPU)
         pytest.skip(f"Lightning does not offer precision={precision!r} on CPU: {err}")
@@ -33,10 +36,10 @@ def _trainer(precision: str) -> pl.Trainer:
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_every_precision_trains_with_every_scheme(precision: str, scheme: str) -> None:
+def test_every_precision_trains_with_every_scheme(precision: str, scheme: str, tmp_path: Path) -> None:
     if scheme not in SCHEME_CHOICES:
         pytest.skip(f"scheme {scheme!r} is not offered by this version (lightning_resode.convert.SCHEME_CHOICES)")
-    trainer = _trainer(precision)
+    trainer = _trainer(precision, tmp_path)
     pl.seed_everything(0)
     # float16 weights cannot carry AdamW's state (its eps is 0 in float16): 16-true trains with SGD
     optimizer = "sgd" if precision == "16-true" else "adamw"
@@ -57,8 +60,8 @@ def test_every_precision_trains_with_every_scheme(precision: str, scheme: str) -
     assert any(not torch.equal(after[k].double(), before[k]) for k in before if "layer1" in k), "layer1 did not train"
 
 
-def test_16_true_with_adam_is_refused_at_setup_naming_what_works() -> None:
-    trainer = _trainer("16-true")
+def test_16_true_with_adam_is_refused_at_setup_naming_what_works(tmp_path: Path) -> None:
+    trainer = _trainer("16-true", tmp_path)
     model = ResodeClassifier("resnet18", model_kwargs=TINY, optimizer="adamw", scheduler="none")
     with pytest.raises(ValueError, match="16-true") as info:
         trainer.fit(model, DigitsDataModule(image_size=32, batch_size=8))
