@@ -15,6 +15,7 @@ naming the bad key or value) before anything trains. Besides ``trainer``/``model
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import sys
@@ -23,11 +24,17 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, Trainer
+from jsonargparse import Namespace
+from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
+from ._commands import COMMANDS as _COMMANDS  # noqa: F401  (the commands, for callers of this module)
+from ._commands import DIAGNOSE as _DIAGNOSE
+from ._commands import PROG as _PROG
+from ._commands import REPORT as _REPORT
+from ._commands import check_command, report
 from .convert import adjoint_stages
 from .lit import data as _data  # noqa: F401  (makes the DataModules resolvable by class name)
 from .lit.callbacks import FitSummary, GradientFidelity, MemoryMonitor, ReconstructionMonitor
@@ -38,23 +45,11 @@ from .lit.checkpointing import (
     ResodeModelCheckpoint,
     unreadable_checkpoint,
 )
-from .lit.loggers import build_loggers
+from .lit.loggers import build_loggers, logger_specs, prepare_logger
 from .lit.module import ResodeClassifier
 from .lit.prediction import PredictionWriter
 from .pretrained import PretrainedWeightsUnavailable
 
-_DIAGNOSE = "diagnose"
-_REPORT = "report"
-_PROG = "lightning-resode"
-# every command, in the order `lightning-resode --help` lists them; the first four are LightningCLI's
-_COMMANDS: dict[str, str] = {
-    "fit": "train and validate a model from a recipe (checkpoints, CSV and W&B logs, summary.json)",
-    "validate": "evaluate the validation split",
-    "test": "evaluate the test split (the validation split, with a warning, when the data has none)",
-    "predict": "write the top-k classes of every image to predictions.csv in the run directory",
-    _DIAGNOSE: "per-stage reconstruction error, gradient fidelity and saved memory on one real batch",
-    _REPORT: "plots and a self-contained report.html from a run's CSV logs",
-}
 # what `diagnose --help` shows; the recipe's other sections are accepted (one recipe serves every command)
 _DIAGNOSE_SECTIONS = ("help", "config", "print_config", "seed_everything", "model", "data", _DIAGNOSE, "ckpt_path")
 
@@ -83,13 +78,58 @@ def _hide_from_help(parser: LightningArgumentParser, keep: tuple[str, ...]) -> N
             group.title, group.description = None, None
 
 
+def _extra_callbacks(trainer_config: Any) -> list[Callback]:
+    """The callbacks every run gets besides the recipe's sections (``memory``, ``fidelity``…)."""
+    callbacks: list[Callback] = [FitSummary(), InterruptCheckpoint(), RandomStateCheckpoint()]
+    if trainer_config.get("enable_progress_bar") is not False:
+        callbacks.append(RichProgressBar())
+    return callbacks
+
+
+def _class_path(instance: object) -> str:
+    return f"{type(instance).__module__}.{type(instance).__qualname__}"
+
+
+class _ResodeParser(LightningArgumentParser):
+    """Dumps (``--print_config``, the run's ``config.yaml``) show the loggers and callbacks the CLI adds to the
+    trainer, where Lightning would show ``logger: null`` and ``callbacks: null``.
+
+    The ``logging`` section is replaced by the ``trainer.logger`` list it builds, so a dumped config run again
+    (``--config config.yaml``) makes the same loggers, and the callbacks listed are not added twice.
+    """
+
+    show_runtime = True
+
+    def dump(self, cfg: Namespace, *args: Any, **kwargs: Any) -> str:
+        if self.show_runtime and isinstance(cfg, Namespace) and "logging" in cfg and "trainer" in cfg:
+            cfg = cfg.clone()
+            trainer = cfg["trainer"]
+            if trainer.get("logger") in (None, True):
+                root = trainer.get("default_root_dir") or os.getcwd()
+                trainer["logger"] = [_namespace(s) for s in logger_specs(root, **cfg["logging"].as_dict())]
+                del cfg["logging"]
+            callbacks = list(trainer.get("callbacks") or [])
+            present = {c.get("class_path") for c in callbacks if isinstance(c, Namespace)}
+            callbacks += [Namespace(class_path=_class_path(c)) for c in _extra_callbacks(trainer) if _class_path(c) not in present]
+            trainer["callbacks"] = callbacks
+        return super().dump(cfg, *args, **kwargs)
+
+
+def _namespace(spec: dict[str, Any]) -> Namespace:
+    return Namespace(class_path=spec["class_path"], init_args=Namespace(**spec.get("init_args", {})))
+
+
 class _SaveConfigToLoggers(SaveConfigCallback):
-    """Writes ``config.yaml`` to the log directory and the full resolved config to W&B (not just the model's)."""
+    """Writes ``config.yaml`` to the log directory and the full resolved config to W&B, once: Lightning's own
+    hyperparameter logging is off (``trainer.enable_autolog_hparams``), the module's hyperparameters (with the
+    ``num_classes`` the data linked in) are the config's ``model`` section."""
 
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
+        config = self.config.as_dict()
+        config["model"] = {**(config.get("model") or {}), **dict(pl_module.hparams)}
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.experiment.config.update(self.config.as_dict(), allow_val_change=True)
+                logger.experiment.config.update(config, allow_val_change=True)
 
 
 class ResodeCLI(LightningCLI):
@@ -105,6 +145,8 @@ class ResodeCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.set_defaults(
             {
+                "trainer.log_every_n_steps": 1,  # Lightning's 50 hides train/loss in short runs
+                "trainer.enable_autolog_hparams": False,  # _SaveConfigToLoggers writes the whole config once
                 "checkpoint.monitor": "val/acc",
                 "checkpoint.mode": "max",
                 "checkpoint.save_last": True,
@@ -136,6 +178,12 @@ class ResodeCLI(LightningCLI):
             # the checkpoint's weights replace the hub's: evaluating a fine-tuned model needs no download
             config["model"]["pretrained"] = False
 
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        if isinstance(parser, _ResodeParser):
+            parser.show_runtime = not self.diagnose_mode
+        return parser
+
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads the hyperparameters of ``--ckpt_path`` first: say so when the file is not a checkpoint."""
         try:
@@ -149,15 +197,18 @@ class ResodeCLI(LightningCLI):
             return None  # type: ignore[return-value]  # diagnose runs the model itself, no Trainer needed
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         trainer_config = config["trainer"]
-        if trainer_config.get("logger") in (None, True):
+        logger = trainer_config.get("logger")
+        if logger in (None, True):
             root = trainer_config.get("default_root_dir") or os.getcwd()
             kwargs["logger"] = build_loggers(root, **config["logging"].as_dict())
-        extra = [FitSummary(), InterruptCheckpoint(), RandomStateCheckpoint()]
+        elif isinstance(logger, (list, tuple)):  # e.g. a dumped config run again
+            kwargs["logger"] = [prepare_logger(item) for item in logger]
         kwargs["plugins"] = _with_atomic_checkpoints(kwargs.get("plugins", trainer_config.get("plugins")))
-        if trainer_config.get("enable_progress_bar") is not False:
-            extra.append(RichProgressBar())
         callbacks = list(kwargs.pop("callbacks", None) or trainer_config.get("callbacks") or [])
-        kwargs["callbacks"] = callbacks + extra
+        present = {type(c) for c in callbacks}
+        kwargs["callbacks"] = callbacks + [c for c in _extra_callbacks(trainer_config) if type(c) not in present]
+        if trainer_config.get("enable_progress_bar") is False:  # a dumped config lists the bar; Lightning refuses both
+            kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, RichProgressBar)]
         return super().instantiate_trainer(**kwargs)
 
 
@@ -171,13 +222,27 @@ def _with_atomic_checkpoints(plugins: Any) -> list[Any]:
     return plugins
 
 
+def _drop_tips(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
+
+
+def _quiet_startup() -> None:
+    """Silence the start-up messages that every run prints and no user acts on: the seed announcement (the seed is
+    in the config), Lightning's advert for its cloud logger, and a deprecation inside Lightning's own code."""
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_tips)  # the same filter once
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+
+
 def _make_cli(args: list[str] | None, *, run: bool, parser_kwargs: dict[str, Any] | None = None) -> ResodeCLI:
+    _quiet_startup()
     return ResodeCLI(
         ResodeClassifier,
         LightningDataModule,
         subclass_mode_data=True,
         save_config_callback=_SaveConfigToLoggers,
         save_config_kwargs={"overwrite": True},
+        parser_class=_ResodeParser,
         args=args,
         run=run,
         parser_kwargs=parser_kwargs or {"prog": _PROG, "description": __doc__.split("\n")[0]},
@@ -250,48 +315,16 @@ def _diagnose_device(accelerator: Any) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
-def _report(args: list[str]) -> None:
-    """Render a run's logged metrics as PNG plots and one self-contained report.html."""
-    from .report import write_report
-
-    parser = argparse.ArgumentParser(prog=f"{_PROG} {_REPORT}", description=_report.__doc__)
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run's trainer.default_root_dir (e.g. runs/quickstart) or one csv/version_N folder")
-    parser.add_argument("--output", metavar="DIR", default=None, help="where to write the plots and report.html (default: RUN_DIR/report)")
-    options = parser.parse_args(args)
-    try:
-        report = write_report(options.run_dir, options.output)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"{_PROG} {_REPORT}: error: {err}") from None
-    print(f"wrote {report} (plots next to it)")
-
-
-def _usage() -> argparse.ArgumentParser:
-    """The top-level help: every command, including the two that are not LightningCLI subcommands."""
-    parser = argparse.ArgumentParser(
-        prog=_PROG,
-        description=__doc__.split("\n")[0],
-        epilog=f"Run `{_PROG} COMMAND --help` for a command's options, e.g. `{_PROG} fit --help`.",
-    )
-    commands = parser.add_subparsers(title="commands", metavar="{" + ",".join(_COMMANDS) + "}")
-    for name, text in _COMMANDS.items():
-        commands.add_parser(name, help=text, add_help=False)
-    return parser
-
-
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point: LightningCLI's subcommands, ``diagnose`` and ``report``."""
     argv = sys.argv[1:] if args is None else list(args)
-    if not argv or argv[0] in ("-h", "--help"):
-        _usage().print_help()
-        raise SystemExit(0 if argv else 2)
-    if not argv[0].startswith("-") and argv[0] not in _COMMANDS:
-        _usage().error(f"unknown command {argv[0]!r}; choose from {', '.join(_COMMANDS)}")
+    check_command(argv)  # the top-level help, or an early error for an unknown command
     try:
         if argv[0] == _DIAGNOSE:
             _diagnose(argv[1:])
             return
         if argv[0] == _REPORT:
-            _report(argv[1:])
+            report(argv[1:])
             return
         cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
     except PretrainedWeightsUnavailable as err:  # a known, fixable situation: the message, not a traceback

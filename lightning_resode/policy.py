@@ -7,8 +7,9 @@ depends on the weights. So it is measured, on the model's own training batches:
 1. *Calibration* (first training step, then every ``recheck_every`` steps): on a few images of the batch,
    the exact gradient (plain autograd) is the reference. Stages are decided from the output side down,
    each with the stages above already set, trying the methods of ``AUTO_CANDIDATES`` from the least peak
-   memory to the most; the first whose stage *and* whole-model gradient cosine reach ``min_cosine`` wins.
-   ``block`` (exact) always qualifies.
+   memory to the most; the first whose stage *and* whole-model gradient cosine keep within half the
+   allowed error (1 - cosine <= (1 - ``min_cosine``) / 2, a margin so that batches the calibration did not
+   see stay above ``min_cosine``) wins. ``block`` (exact) always qualifies.
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -44,6 +45,8 @@ AUTO_CANDIDATES: tuple[str, ...] = ("euler_fast", "euler", "block_fp16", "block_
 #: the reconstruction error bound between calibrations: this many times the calibrated error, at least the floor
 ERROR_GROWTH = 4.0
 ERROR_FLOOR = 1e-3
+#: a method is chosen when its measured error (1 - cosine) is at most this fraction of the allowed one
+SAFETY_MARGIN = 0.5
 
 
 @dataclass
@@ -193,6 +196,7 @@ class StagePolicy:
 
     def _choose_stage(self, model, name, stage, images, targets, params, exact) -> PolicyDecision:  # noqa: ANN001
         stage_params = unique_params(stage)
+        required = 1.0 - SAFETY_MARGIN * (1.0 - self.min_cosine)
         tried: list[str] = []
         for method in self.candidates:
             spec = get_method(method)
@@ -213,19 +217,19 @@ class StagePolicy:
                 continue
             cosine, _ = compare(grads, exact, stage_params)
             model_cosine, _ = compare(grads, exact, params)
-            if math.isfinite(cosine) and min(cosine, model_cosine) >= self.min_cosine:
+            if math.isfinite(cosine) and min(cosine, model_cosine) >= required:
                 report = stage.last_backward
                 error = report.reconstruction_error if report is not None else None
                 if spec.gradient == "adjoint" and error is not None:
                     stage.max_reconstruction_error = max(ERROR_GROWTH * error, ERROR_FLOOR)
                 reason = (
-                    f"{method}: gradient cosine {cosine:.5f} (stage), {model_cosine:.5f} (model) >= {self.min_cosine}"
+                    f"{method}: gradient cosine {cosine:.5f} (stage), {model_cosine:.5f} (model) >= {required:.4g}"
                     + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
                 )
                 return PolicyDecision(name, method, self.step, cosine, model_cosine, reason, error)
             tried.append(f"{method} {min(cosine, model_cosine):.4f}")
         stage.configure(method="block")
-        return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached {self.min_cosine} ({', '.join(tried)})")
+        return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached {required:.4g} ({', '.join(tried)})")
 
     def _apply(self, name: str, method: str) -> None:
         stage = self.stages[name]

@@ -29,7 +29,7 @@ def test_help_and_diagnose_help(capsys: pytest.CaptureFixture[str]) -> None:
 def test_print_config_shows_a_complete_run(capsys: pytest.CaptureFixture[str]) -> None:
     assert _exit_code(["fit", *QUICK, "--print_config"]) == 0
     out = capsys.readouterr().out
-    for key in ("model_name: resnet18", "scheme: auto", "DigitsDataModule", "fidelity:", "memory:", "logging:"):
+    for key in ("model_name: resnet18", "scheme: auto", "DigitsDataModule", "fidelity:", "memory:", "CSVLogger"):
         assert key in out
 
 

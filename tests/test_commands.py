@@ -115,7 +115,8 @@ def test_report_renders_the_runs_metrics(run_dir: Path, capsys: pytest.CaptureFi
     report = run_dir / "report" / "report.html"
     assert str(report) in capsys.readouterr().out
     pictures = sorted(p.name for p in report.parent.glob("*.png"))
-    assert pictures == ["accuracy.png", "fidelity.png", "loss.png", "memory.png"]  # no policy logged: no empty plot
+    # the quickstart's scheme is auto: its decisions are logged and plotted
+    assert pictures == ["accuracy.png", "fidelity.png", "loss.png", "memory.png", "policy.png"]
     page = report.read_text()
     assert page.count("data:image/png;base64,") == len(pictures) and "<img" in page
     for metric in ("val/acc", "train/loss", "mem/activations_backprop_mib", "adjoint/grad_cosine/layer1", "best_val_acc", "test/acc"):

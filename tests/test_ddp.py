@@ -58,7 +58,7 @@ def _convert(model: nn.Module) -> nn.Module:
     except ImportError:
         to_adjoint = None
     if to_adjoint is not None:
-        model = to_adjoint(model)
+        model = to_adjoint(model, scheme="euler_fast", check=False)  # fixed methods: DDP mechanics, not the policy
     else:
         for name in ("layer1", "layer2", "layer3", "layer4"):
             layer = getattr(model, name)

@@ -136,7 +136,7 @@ def test_build_context_builds_a_wheel_with_the_entry_point(tmp_path: Path) -> No
         names = archive.namelist()
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
     assert "lightning_resode/adjoint/stage.py" in names and "lightning_resode/lit/distributed.py" in names
-    assert re.search(r"lightning-resode\s*=\s*lightning_resode\.cli:main", entry_points)
+    assert re.search(r"lightning-resode\s*=\s*lightning_resode\.__main__:main", entry_points)
 
 
 # ---------------------------------------------------------------------------------------------- launchers

@@ -142,7 +142,7 @@ def test_each_layer_imports_only_the_layers_before_it() -> None:
 
 LIGHTNING_INTERNALS = re.compile(
     r"\._(?:signal_connector|batches_that_stepped|layer_sync|experiment|logger_connector|accelerator_connector"
-    r"|checkpoint_connector|callback_connector|data_connector|active_loop|results)\b"
+    r"|checkpoint_connector|callback_connector|data_connector|active_loop|results|wandb_init|average_model)\b"
 )
 
 

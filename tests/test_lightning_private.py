@@ -13,15 +13,18 @@ from typing import Any
 import lightning as L
 import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_resode.lit._lightning_private import (
     LightningInternalsChanged,
     _internal,
+    averaged_model,
     forget_train_loader,
     logging_step,
     optimizer_stepped_on_this_batch,
+    quiet_wandb_init,
     request_stop_after_batch,
     sync_batchnorm_requested,
     train_loaders,
@@ -135,3 +138,24 @@ def test_a_forgotten_train_loader_is_built_again_by_the_fit_loop(tmp_path: Path)
 def test_a_missing_internal_names_itself_and_what_it_was_for() -> None:
     with pytest.raises(LightningInternalsChanged, match=r"private object\._gone to do a thing.*lightning \d"):
         _internal(object(), "_gone", "do a thing")
+
+
+def test_quiet_wandb_init_leaves_out_only_the_anonymous_argument(tmp_path: Path) -> None:
+    logger = WandbLogger(save_dir=str(tmp_path), project="probe", offline=True)
+    quiet_wandb_init(logger)
+    arguments = logger._wandb_init
+    assert "anonymous" not in arguments and arguments["project"] == "probe" and arguments["dir"] == str(tmp_path), (
+        "WandbLogger no longer keeps wandb.init's arguments in _wandb_init; update lightning_resode/lit/_lightning_private.py"
+    )
+
+
+def test_averaged_model_is_what_weight_averaging_validates_with(tmp_path: Path) -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    ema = EMAWeightAveraging(decay=0.5)
+    assert averaged_model(ema) is None
+    _trainer(tmp_path, max_steps=2, limit_val_batches=0, callbacks=[ema]).fit(BoringModel())
+    assert isinstance(averaged_model(ema), AveragedModel), (
+        "EMAWeightAveraging no longer keeps its AveragedModel in _average_model; update "
+        "lightning_resode/lit/_lightning_private.py"
+    )

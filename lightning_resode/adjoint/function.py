@@ -81,6 +81,12 @@ class StageRun:
     block_forwards: int = 0
     #: dtype of the states the blocks saw in the forward (recomputation feeds them the same dtype)
     state_dtype: torch.dtype = torch.float32
+    #: ``"all"`` (head and residual blocks in one node), ``"head"`` (the exact head alone) or ``"residual"``
+    #: (the residual blocks, after a separate head node: see ``AdjointSequential.forward``)
+    part: str = "all"
+    #: for ``part="residual"``: the head's run (its random draws) and the stage input it started from
+    head_run: "StageRun | None" = None
+    head_input: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ evaluation with replay
     def call(self, block: torch.nn.Module, x: torch.Tensor, key: Any, mode: str) -> torch.Tensor:
@@ -100,6 +106,8 @@ class StageRun:
         if x.dtype != self.state_dtype and x.is_floating_point():
             x = x.to(self.state_dtype)
         snapshot = self.rng.get(key)
+        if snapshot is None and self.head_run is not None:
+            snapshot = self.head_run.rng.get(key)
         with self.replay.evaluation(mode, key):
             if snapshot is None:
                 return block(x)
@@ -115,7 +123,14 @@ class StageRun:
 
         return evaluate
 
+    @property
+    def has_head(self) -> bool:
+        """Whether this node runs (and differentiates) the stage's exact head itself."""
+        return self.part in ("all", "head") and self.stage.exact_head > 0
+
     def run_head(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        if self.part == "residual" and mode == "forward":
+            return x  # the head ran in its own node
         for i, block in enumerate(self.stage.head_blocks()):
             x = self.call(block, x, ("head", i), mode)
         return x
@@ -163,6 +178,7 @@ class StageRun:
     def release(self) -> None:
         """Drop the replay records and generator states once the backward is done with them."""
         self.replay.records, self.rng, self.held = {}, {}, None
+        self.head_run = self.head_input = None
 
 
 _KEPT_OBSERVERS: list[Any] = []
@@ -201,7 +217,12 @@ class AdjointStageFunction(torch.autograd.Function):
         x_in = x
         h = run.run_head(x, "forward")
         run.state_dtype = h.dtype
-        keep_x0 = adjoint and stage.exact_head == 0 and (stage.keep_input or stage.fallback)
+        ctx.run = run
+        if run.part == "head":
+            run.keep({"x_in": x_in})
+            return h
+        has_head = run.has_head or run.head_input is not None
+        keep_x0 = adjoint and not has_head and (stage.keep_input or stage.fallback)
         anchors: dict[str, torch.Tensor] = {}
         step_inputs: list[torch.Tensor] = []
         scheme, record = stage.scheme_impl, run.evaluator("forward" if exact else "record")
@@ -217,17 +238,17 @@ class AdjointStageFunction(torch.autograd.Function):
             h = out
             if adjoint and stage.anchor_every and (s + 1) % stage.anchor_every == 0 and s + 1 < steps:
                 anchors[str(s + 1)] = h
-        keep_stage_input = exact or stage.exact_head > 0 or keep_x0
+        keep_stage_input = exact or run.has_head or keep_x0
         run.keep(
             {
                 "x_in": x_in if keep_stage_input else None,
+                "head_input": run.head_input,
                 "x_out": h if adjoint else None,
                 "anchors": anchors,
                 "top_increment": top_increment,
                 "step_inputs": step_inputs,
             }
         )
-        ctx.run = run
         ctx.keep_x0 = keep_x0
         return h
 
@@ -253,7 +274,10 @@ class AdjointStageFunction(torch.autograd.Function):
         label = f"resode::{stage.display_name}::{stage.gradient}"
         try:
             with record_function(label), batch_counters_preserved(stage.batchnorm_modules()), run.autocast.replayed():
-                if stage.gradient == "checkpoint":
+                if run.part == "head":
+                    grad_x, head_grads, _ = _head_vjp(run, held.pop("x_in"), grad_out, needs_input_grad, None)
+                    param_grads = _ordered(run, dict((id(p), g) for p, g in head_grads if g is not None))
+                elif stage.gradient == "checkpoint":
                     grad_x, param_grads = _exact_backward(run, held.pop("x_in"), grad_out, needs_input_grad)
                 elif stage.gradient == "block":
                     grad_x, param_grads = _block_backward(run, held, grad_out, needs_input_grad)
@@ -265,7 +289,8 @@ class AdjointStageFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.to(ctx.input_dtype)
         report.block_forwards = run.block_forwards
-        stage.last_backward = report
+        if run.part != "head":
+            stage.last_backward = report
         return (None, grad_x, *param_grads)
 
 
@@ -352,7 +377,7 @@ def _block_backward(run: StageRun, held: dict, grad_out: torch.Tensor, needs_inp
     step_inputs: list[torch.Tensor] = held.pop("step_inputs")
     param_grads: dict[int, torch.Tensor] = {}
     grad = grad_out
-    need_grad_below = needs_input_grad or stage.exact_head > 0
+    need_grad_below = needs_input_grad or run.has_head
     finite_flags: list[torch.Tensor] = []
     for s in reversed(range(stage.num_steps)):
         want_x = s > 0 or need_grad_below
@@ -370,7 +395,7 @@ def _block_backward(run: StageRun, held: dict, grad_out: torch.Tensor, needs_inp
             "range of float32) or scheme='block' for this stage"
         )
     grad_x = grad if needs_input_grad else None
-    if stage.exact_head > 0:
+    if run.has_head:
         grad_x, head_grads, _ = _head_vjp(run, held.pop("x_in"), grad, needs_input_grad, None)
         del grad
         _accumulate(param_grads, [p for p, _ in head_grads], [g for _, g in head_grads])
@@ -406,7 +431,7 @@ def _adjoint_backward(run: StageRun, held: dict, grad_out: torch.Tensor, needs_i
     cache = None
     finite_flags: list[torch.Tensor] = []
     steps = stage.num_steps
-    need_grad_below = needs_input_grad or stage.exact_head > 0
+    need_grad_below = needs_input_grad or run.has_head
     for s in reversed(range(steps)):
         with torch.no_grad():
             x_s = _reconstruct(run, s, x_next, cache, held, work_dtype)
@@ -427,15 +452,21 @@ def _adjoint_backward(run: StageRun, held: dict, grad_out: torch.Tensor, needs_i
         if not bool(flags.all()):
             bad_step = steps - 1 - int((~flags).nonzero()[0])
     x_in = held.get("x_in")
+    head_input = held.get("head_input")
+    if head_input is not None:
+        # the head is its own node: recompute its exact output (no graph) to measure and to fall back from
+        with torch.no_grad():
+            x_in = run.run_head(head_input, "exact")
+        del head_input
     if bad_step is not None:
         if stage.fallback and x_in is not None:
             del x_next, grad
             return _fall_back(run, x_in, grad_out, needs_input_grad, report, f"non-finite reconstruction of block {stage.exact_head + bad_step}")
         raise ReconstructionError(_non_finite_message(stage, bad_step, grad_out, output_finite))
     grad_x = grad if needs_input_grad else None
-    if stage.exact_head > 0 or keep_x0:
+    if x_in is not None:
         # hand the reconstruction over: the error is measured in place, so it does not outlive the measurement
-        if stage.exact_head > 0:
+        if run.has_head:
             handover = [x_next]
             del x_next
             grad_x, head_grads, report.reconstruction_error = _head_vjp(run, x_in, grad, needs_input_grad, handover)
@@ -461,11 +492,14 @@ def _fall_back(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_
 
 
 def _exact_backward_replayed(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_input_grad: bool):
-    """The exact stage gradient after an adjoint forward: head exact, steps replaying the recorded statistics."""
+    """The exact stage gradient after an adjoint forward: head exact, steps replaying the recorded statistics.
+
+    ``x_in`` is this node's input: the stage input, or the head's exact output when the head is its own node.
+    """
     stage = run.stage
     with torch.enable_grad():
         x = x_in.detach().requires_grad_(needs_input_grad)
-        h = run.run_head(x, "exact")
+        h = run.run_head(x, "exact") if run.has_head else x
         evaluate = run.evaluator("substitute")
         for s in range(stage.num_steps):
             h, _ = stage.scheme_impl.step(s, h, evaluate)

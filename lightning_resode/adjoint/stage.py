@@ -267,4 +267,13 @@ class AdjointSequential(nn.Module):
         if not params and not x.requires_grad:
             return self.plain_forward(x)
         self._reject_sync_batchnorm()
+        if self.exact_head > 0 and self.num_steps > 0 and self.gradient in ("adjoint", "block"):
+            # Two autograd nodes: the head's backward then holds only its own incoming gradient, not also the
+            # one that arrived at the stage output (autograd keeps a node's incoming gradient until it returns).
+            head_params = self.params_of_head(params)
+            residual_params = self._params_in(self._blocks[self.exact_head :], params)
+            head = StageRun(self, head_params, part="head")
+            h = AdjointStageFunction.apply(head, x, *head_params)
+            residual = StageRun(self, residual_params, part="residual", head_run=head, head_input=x.detach())
+            return AdjointStageFunction.apply(residual, h, *residual_params)
         return AdjointStageFunction.apply(StageRun(self, params), x, *params)

@@ -11,6 +11,7 @@ from .data import (
     ImageReadError,
     SyntheticDataModule,
 )
+from .ema import ModelEma
 from .guards import NonFiniteInputError, TrainingDivergedError
 from .loggers import build_loggers
 from .module import ResodeClassifier, export_timm_weights, load_weights_file
@@ -28,6 +29,7 @@ __all__ = [
     "ImageReadError",
     "InterruptCheckpoint",
     "MemoryMonitor",
+    "ModelEma",
     "NonFiniteInputError",
     "PredictionWriter",
     "RandomStateCheckpoint",

@@ -12,13 +12,17 @@ from typing import Any
 
 import lightning
 import lightning.pytorch as pl
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import ParallelStrategy
 
 __all__ = [
     "LightningInternalsChanged",
+    "averaged_model",
     "forget_train_loader",
     "logging_step",
     "optimizer_stepped_on_this_batch",
+    "quiet_wandb_init",
     "request_stop_after_batch",
     "sync_batchnorm_requested",
     "train_loaders",
@@ -75,6 +79,26 @@ def sync_batchnorm_requested(trainer: pl.Trainer) -> bool:
     if not isinstance(strategy, ParallelStrategy):
         return False
     return _internal(strategy, "_layer_sync", "refuse sync_batchnorm=True before it converts adjoint stages") is not None
+
+
+def quiet_wandb_init(logger: WandbLogger) -> None:
+    """Drop the ``anonymous`` argument ``WandbLogger`` always passes to ``wandb.init``.
+
+    W&B warns at every start that the setting has no effect, whatever its value (``None`` included); the
+    logger's constructor has no way to leave it out, and ``wandb.init`` reads the arguments only when the run
+    starts, so removing it before then is enough.
+    """
+    arguments = _internal(logger, "_wandb_init", "keep W&B from warning about the anonymous setting")
+    arguments.pop("anonymous", None)
+
+
+def averaged_model(callback: WeightAveraging) -> Any:
+    """The ``AveragedModel`` of Lightning's weight averaging (``None`` before it is created).
+
+    ``ModelEma`` creates it later than Lightning does (once the module has its final layers) and moves it to
+    the module's device; the callback keeps it in an attribute without a public accessor.
+    """
+    return _internal(callback, "_average_model", "create the EMA copy once the module is final")
 
 
 def optimizer_stepped_on_this_batch(trainer: pl.Trainer) -> bool:

@@ -27,6 +27,7 @@ from ..fidelity import exact_stages, side_effect_free, stage_fidelity
 from ..measure import peak_per_image, saved_activation_bytes
 from ._lightning_private import logging_step, optimizer_stepped_on_this_batch
 from .checkpointing import InterruptCheckpoint  # noqa: F401  (re-exported: it used to live here)
+from .loggers import log_stage_rows
 
 _MIB = 2.0**20
 
@@ -164,6 +165,7 @@ class MemoryMonitor(pl.Callback):
             }
         )
         _log(trainer, metrics)
+        log_stage_rows(trainer, "mem/stages", [{"stage": "model", "activations_mib": self.activations_mib, "activations_backprop_mib": self.backprop_activations_mib, "peak_mib_per_image": self.peak_mib_per_image, "peak_backprop_mib_per_image": self.backprop_peak_mib_per_image}])  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
         return {"peak_mib": self.peak_mib}
@@ -240,6 +242,7 @@ class GradientFidelity(pl.Callback):
             self._maybe_switch(pl_module, model, cosines)
             metrics.update({f"adjoint/fallback/{name}": 1.0 for name in self.switched})
         _log(trainer, metrics)
+        log_stage_rows(trainer, "adjoint/stages", [{"stage": n, "grad_cosine": c, "fallback": n in self.switched} for n, c in cosines.items() if n])  # fmt: skip
 
     def _maybe_switch(self, pl_module: pl.LightningModule, model: nn.Module, cosines: dict[str, float]) -> None:
         stages = adjoint_stages(model)

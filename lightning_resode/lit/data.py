@@ -18,12 +18,30 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .sampling import resumable_loader
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
+Triple = tuple[float, float, float]
 
 
 class ImageReadError(RuntimeError):
     """An image file is missing or cannot be decoded; the message names the file."""
+
+
+def model_data_config(datamodule: pl.LightningDataModule, **overrides: Any) -> dict[str, Any]:
+    """timm's data config (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``) for
+    the model this DataModule feeds, with the user's explicit settings (``overrides`` not ``None``) on top.
+
+    The model's own config comes from the module of the Trainer the DataModule is attached to, when that module
+    has a ``data_config()`` method (``ResodeClassifier`` returns timm's ``resolve_model_data_config`` of its
+    network, i.e. the pretrained weights' interpolation, crop and mean/std); timm's defaults otherwise.
+    """
+    from timm.data import resolve_data_config
+
+    config = dict(resolve_data_config(pretrained_cfg={"input_size": (3, 224, 224)}))  # timm's defaults
+    trainer = datamodule.trainer
+    module = trainer.lightning_module if trainer is not None else None
+    if module is not None and callable(getattr(module, "data_config", None)):
+        config.update(module.data_config())
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    return config
 
 
 class _LoaderMixin:
@@ -206,21 +224,26 @@ class ImageFiles(Dataset):
 class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
     """``root/train/<class>/*.jpg`` and ``root/val/<class>/*.jpg`` with timm's ``create_transform`` pipelines.
 
+    The transforms follow the model's own data config (``model_data_config``: a pretrained model's
+    interpolation, crop and mean/std); each option below left at ``None`` keeps the model's value.
+
     Args:
         root: folder holding ``train_dir`` and ``val_dir``.
-        image_size: training crop / eval resize target.
+        image_size: training crop / eval resize target; ``None``: the model's input size.
         test_root: a labelled ``<class>/*`` folder for ``test``; default ``root/test`` when it exists, otherwise
             ``test`` evaluates the validation split (with a warning).
         predict_root: a folder of images without labels (searched recursively) for ``predict``; default: the
             validation split.
         auto_augment: timm auto-augment policy (``rand-m9-mstd0.5``…) or ``None``.
         re_prob: random erasing probability.
+        crop_pct, interpolation, mean, std: override the model's eval crop fraction, resize interpolation
+            (``bilinear``, ``bicubic``…) and normalisation.
     """
 
     def __init__(
         self,
         root: str,
-        image_size: int = 224,
+        image_size: int | None = None,
         train_dir: str = "train",
         val_dir: str = "val",
         batch_size: int = 64,
@@ -230,12 +253,18 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         crop_pct: float | None = None,
         test_root: str | None = None,
         predict_root: str | None = None,
+        interpolation: str | None = None,
+        mean: Triple | None = None,
+        std: Triple | None = None,
     ) -> None:
         super().__init__()
         self._check_loader_args(batch_size, num_workers)
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"image_size must be >= 1 or None (the model's input size), got {image_size}")
         self.root = Path(root)
         self.image_size, self.train_dir, self.val_dir = image_size, train_dir, val_dir
         self.auto_augment, self.re_prob, self.crop_pct = auto_augment, re_prob, crop_pct
+        self.interpolation, self.mean, self.std = interpolation, mean, std
         self.batch_size, self.num_workers = batch_size, num_workers
         self.class_names = self._classes(self.root / train_dir)
         self.num_classes = len(self.class_names)
@@ -247,6 +276,7 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         self.test_root = Path(test_root) if test_root is not None else default_test if default_test.is_dir() else None
         self.predict_root = None if predict_root is None else Path(predict_root)
         self._test_hint = f"; pass --data.test_root DIR or create {str(default_test)!r} to test on held-out images"
+        self.data_config: dict[str, Any] = {}
 
     @staticmethod
     def _classes(folder: Path) -> list[str]:
@@ -265,12 +295,17 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
     def _transform(self, training: bool) -> Any:
         from timm.data import create_transform
 
+        config = self.data_config
         return create_transform(
-            self.image_size,
+            config["input_size"],
             is_training=training,
             auto_augment=self.auto_augment if training else None,
             re_prob=self.re_prob if training else 0.0,
-            crop_pct=self.crop_pct,
+            interpolation=config["interpolation"],
+            mean=config["mean"],
+            std=config["std"],
+            crop_pct=config["crop_pct"],
+            crop_mode=config.get("crop_mode"),
         )
 
     def _dataset(self, folder: Path, training: bool) -> Dataset:
@@ -282,6 +317,10 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         return ImageFolder(str(folder), transform=self._transform(training), loader=_read_rgb)
 
     def setup(self, stage: str | None = None) -> None:
+        size = (3, self.image_size, self.image_size) if self.image_size is not None else None
+        self.data_config = model_data_config(
+            self, input_size=size, interpolation=self.interpolation, crop_pct=self.crop_pct, mean=self.mean, std=self.std
+        )
         self.train_set = self._dataset(self.root / self.train_dir, training=True)
         self.val_set = self._dataset(self.root / self.val_dir, training=False)
         if stage in (None, "test") and self.test_root is not None:
@@ -295,7 +334,9 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
 class _CifarDataModule(_LoaderMixin, pl.LightningDataModule):
     """torchvision CIFAR, downloaded into ``root`` when online; offline without the files is a clear error.
 
-    Validation and ``test`` both use the official test split (CIFAR has no separate validation split).
+    Validation and ``test`` both use the official test split (CIFAR has no separate validation split). Images are
+    normalised with the model's mean/std and resized (``image_size`` other than 32) with its interpolation
+    (``model_data_config``); ``mean``/``std`` override them.
     """
 
     _dataset_name = ""
@@ -309,11 +350,15 @@ class _CifarDataModule(_LoaderMixin, pl.LightningDataModule):
         num_workers: int = 4,
         download: bool = True,
         augment: bool = True,
+        mean: Triple | None = None,
+        std: Triple | None = None,
     ) -> None:
         super().__init__()
         self._check_loader_args(batch_size, num_workers)
         self.root, self.image_size, self.download, self.augment = root, image_size, download, augment
+        self.mean, self.std = mean, std
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.data_config: dict[str, Any] = {}
 
     def _cls(self) -> Any:
         import torchvision.datasets
@@ -345,17 +390,20 @@ class _CifarDataModule(_LoaderMixin, pl.LightningDataModule):
             self._open(train=True)
 
     def _transform(self, training: bool) -> Any:
+        from timm.data.transforms import str_to_interp_mode
         from torchvision import transforms as T
 
+        config = self.data_config
         steps: list[Any] = []
         if self.image_size != 32:
-            steps.append(T.Resize(self.image_size))
+            steps.append(T.Resize(self.image_size, interpolation=str_to_interp_mode(config["interpolation"])))
         if training and self.augment:
             steps += [T.RandomCrop(self.image_size, padding=self.image_size // 8), T.RandomHorizontalFlip()]
-        steps += [T.ToTensor(), T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)]
+        steps += [T.ToTensor(), T.Normalize(config["mean"], config["std"])]
         return T.Compose(steps)
 
     def setup(self, stage: str | None = None) -> None:
+        self.data_config = model_data_config(self, mean=self.mean, std=self.std)
         self.train_set = self._open(train=True, transform=self._transform(training=True))
         self.val_set = self._open(train=False, transform=self._transform(training=False))
         self.test_set = self.val_set  # the official test split, which validation also reports on

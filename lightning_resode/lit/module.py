@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import timm
+import timm.data
 import timm.optim
 import timm.scheduler
 import timm.utils
@@ -36,8 +37,10 @@ from .distributed import validate_distributed
 from ._lightning_private import forget_train_loader, train_loaders
 from .checkpointing import atomic_save, safe_load
 from .guards import check_finite_input, check_finite_loss
+from .ema import ModelEma
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
+_SCHEDULERS = ("cosine", "step", "multistep", "plateau", "poly", "tanh", "none")
 Scheme = Literal["auto", "euler_fast", "euler", "heun", "block_fp16", "block_bf16", "block", "checkpoint", "backprop"]
 TopStepDtype = Literal["bfloat16", "float16", "float32", "none"]
 _TOP_STEP_DTYPES: dict[str, torch.dtype | None] = {
@@ -47,6 +50,31 @@ _TOP_STEP_DTYPES: dict[str, torch.dtype | None] = {
     "none": None,
 }
 _MODEL_PREFIX = "model."
+
+
+def _check_schedule_options(hp: Any) -> None:
+    """Schedule options out of range fail here, naming the value, not at the first optimizer step."""
+    if hp.scheduler not in _SCHEDULERS:
+        raise ValueError(f"unknown scheduler {hp.scheduler!r}; valid: {list(_SCHEDULERS)}")
+    if hp.decay_epochs is not None and hp.decay_epochs <= 0:
+        raise ValueError(f"decay_epochs must be > 0, got {hp.decay_epochs}")
+    if hp.decay_milestones is not None and (not hp.decay_milestones or any(m <= 0 for m in hp.decay_milestones)):
+        raise ValueError(f"decay_milestones must be a non-empty list of epochs > 0, got {hp.decay_milestones}")
+    if hp.decay_rate <= 0:
+        raise ValueError(f"decay_rate must be > 0, got {hp.decay_rate}")
+    if hp.patience_epochs < 0 or hp.cooldown_epochs < 0 or hp.warmup_epochs < 0:
+        raise ValueError(
+            "patience_epochs, cooldown_epochs and warmup_epochs must be >= 0, got "
+            f"{hp.patience_epochs}, {hp.cooldown_epochs} and {hp.warmup_epochs}"
+        )
+    if hp.scheduler == "plateau" and hp.decay_rate >= 1:
+        raise ValueError(f"plateau needs decay_rate < 1 (the factor applied on a plateau), got {hp.decay_rate}")
+    if hp.plateau_mode not in ("min", "max"):
+        raise ValueError(f"plateau_mode must be 'min' or 'max', got {hp.plateau_mode!r}")
+    if hp.cycle_limit < 1 or hp.cycle_mul <= 0:
+        raise ValueError(f"cycle_limit must be >= 1 and cycle_mul > 0, got {hp.cycle_limit} and {hp.cycle_mul}")
+    if hp.ema_decay is not None and not 0.0 < hp.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1) or None, got {hp.ema_decay}")
 
 
 def _check_model_name(model_name: str) -> None:
@@ -104,9 +132,24 @@ class ResodeClassifier(pl.LightningModule):
         mixup_alpha, cutmix_alpha: timm ``Mixup``; both 0 disables it.
         optimizer: any ``timm.optim.create_optimizer_v2`` name (``sgd``, ``adamw``, ``lamb``…; torch's included).
         lr, weight_decay, momentum: optimizer settings.
-        scheduler: a ``timm.scheduler`` name stepped every optimizer update, or ``none``.
+        scheduler: a ``timm.scheduler`` name stepped every optimizer update, ``plateau`` (torch's
+            ``ReduceLROnPlateau``, stepped once per epoch on ``plateau_monitor``), or ``none``.
         warmup_epochs: linear warm-up from ``warmup_lr`` (fractional epochs allowed).
         min_lr, warmup_lr: schedule bounds.
+        decay_epochs: ``step``: epochs between two decays; ``None``: every 30 % of the run (timm's 90 of 300).
+        decay_milestones: ``multistep``: the epochs at which to decay; ``None``: at 30, 60 and 90 % of the run.
+        decay_rate: factor per decay (``step``, ``multistep``, ``plateau``); the power for ``poly``.
+        patience_epochs: ``plateau``: epochs without improvement before a decay.
+        plateau_monitor, plateau_mode: ``plateau``: the logged metric it watches and whether lower (``min``) or
+            higher (``max``) is better.
+        cooldown_epochs: ``cosine``/``tanh``/``poly``: the schedule ends this many epochs before the run does, and
+            the last epochs train at ``min_lr``.
+        cycle_limit, cycle_mul, cycle_decay: ``cosine``/``tanh``/``poly`` restarts: number of cycles, length
+            multiplier and peak decay per cycle (one cycle by default).
+        ema_decay: keep an exponential moving average of the weights with this decay (e.g. ``0.999``); the
+            average is what validation measures and what checkpoints store. ``None`` disables it.
+        channels_last: run the network and its inputs in ``torch.channels_last`` memory format (faster
+            convolutions with mixed precision on recent GPUs).
     """
 
     def __init__(
@@ -136,9 +179,22 @@ class ResodeClassifier(pl.LightningModule):
         warmup_epochs: float = 0.0,
         min_lr: float = 0.0,
         warmup_lr: float = 1e-6,
+        decay_epochs: float | None = None,
+        decay_milestones: list[float] | None = None,
+        decay_rate: float = 0.1,
+        patience_epochs: int = 10,
+        plateau_monitor: str = "val/loss",
+        plateau_mode: Literal["min", "max"] = "min",
+        cooldown_epochs: float = 0.0,
+        cycle_limit: int = 1,
+        cycle_mul: float = 1.0,
+        cycle_decay: float = 0.1,
+        ema_decay: float | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        _check_schedule_options(self.hparams)
         _check_model_name(model_name)
         if scheme not in SCHEME_CHOICES:
             raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
@@ -154,6 +210,8 @@ class ResodeClassifier(pl.LightningModule):
         self._check_stage_names(stages)
         self.policy: StagePolicy | None = self._convert()
         self._check_freeze_names(freeze or [])
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.mixup = (
             Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, num_classes=num_classes)
             if mixup_alpha > 0 or cutmix_alpha > 0
@@ -265,12 +323,28 @@ class ResodeClassifier(pl.LightningModule):
         if self.policy is not None and "resode_policy" in checkpoint:
             self.policy.load_state_dict(checkpoint["resode_policy"])
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        if self.hparams.ema_decay is None or self.trainer.state.fn != "fit":
+            return []
+        return [ModelEma(decay=self.hparams.ema_decay)]
+
+    def data_config(self) -> dict[str, Any]:
+        """timm's data config of the network (its pretrained weights' input size, interpolation, crop, mean/std):
+        what the DataModules build their transforms from (``lightning_resode.lit.data.model_data_config``)."""
+        return dict(timm.data.resolve_model_data_config(self.model))
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        if self.hparams.channels_last:  # the network's weights were converted in __init__
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)
+        return self.model(self._layout(images))
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         check_finite_input(images, self.global_step)
+        images = self._layout(images)  # the stage policy measures the layout training runs in
         self._calibrate_if_due(images, targets)
         if self.mixup is not None and images.shape[0] % 2 == 0:
             images, soft_targets = self.mixup(images, targets)
@@ -313,7 +387,35 @@ class ResodeClassifier(pl.LightningModule):
         _check_optimizer_precision(optimizer, self.trainer.precision)
         if hp.scheduler == "none":
             return optimizer
-        # from the epoch length alone (not max_steps), so a run stopped early and resumed keeps the same schedule
+        updates_per_epoch, max_epochs = self._schedule_length()
+        if hp.scheduler == "plateau":
+            return [optimizer], self._plateau_schedulers(optimizer, updates_per_epoch)
+        if hp.cooldown_epochs >= max_epochs:
+            raise ValueError(f"cooldown_epochs={hp.cooldown_epochs} leaves no schedule in a run of {max_epochs} epochs")
+        cycles = sum(hp.cycle_mul**i for i in range(hp.cycle_limit))  # the cycles fill the run before the cooldown
+        scheduler, _ = timm.scheduler.create_scheduler_v2(
+            optimizer,
+            sched=hp.scheduler,
+            num_epochs=(max_epochs - hp.cooldown_epochs) / cycles,
+            decay_epochs=hp.decay_epochs if hp.decay_epochs is not None else 0.3 * max_epochs,
+            # timm's multistep decays one update before each milestone (its documented convention); shifted by one
+            # update so the epochs from a milestone on, and only those, train at the decayed rate
+            decay_milestones=[m + 1 / updates_per_epoch for m in hp.decay_milestones or [f * max_epochs for f in (0.3, 0.6, 0.9)]],
+            decay_rate=hp.decay_rate,
+            warmup_epochs=hp.warmup_epochs,
+            warmup_lr=hp.warmup_lr,
+            min_lr=hp.min_lr,
+            cycle_limit=hp.cycle_limit,
+            cycle_mul=hp.cycle_mul,
+            cycle_decay=hp.cycle_decay,
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_length(self) -> tuple[int, int]:
+        """Optimizer updates per epoch and epochs in the run, from the epoch length alone (not ``max_steps``), so a
+        run stopped early and resumed keeps the same schedule."""
         built_early = not train_loaders(self.trainer)
         if built_early:
             self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
@@ -326,23 +428,36 @@ class ResodeClassifier(pl.LightningModule):
         max_epochs = self.trainer.max_epochs
         if max_epochs is None or max_epochs < 1:
             if self.trainer.max_steps < 1:
-                raise ValueError(f"scheduler={hp.scheduler!r} needs trainer.max_epochs or max_steps, got {max_epochs}")
+                raise ValueError(
+                    f"scheduler={self.hparams.scheduler!r} needs trainer.max_epochs or max_steps, got {max_epochs}"
+                )
             max_epochs = math.ceil(self.trainer.max_steps / updates_per_epoch)
-        scheduler, _ = timm.scheduler.create_scheduler_v2(
-            optimizer,
-            sched=hp.scheduler,
-            num_epochs=max_epochs,
-            warmup_epochs=hp.warmup_epochs,
-            warmup_lr=hp.warmup_lr,
-            min_lr=hp.min_lr,
-            step_on_epochs=False,
-            updates_per_epoch=updates_per_epoch,
+        return updates_per_epoch, max_epochs
+
+    def _plateau_schedulers(self, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> list[dict[str, Any]]:
+        """torch's ``ReduceLROnPlateau`` once per epoch on the monitored metric (Lightning checkpoints its state, so a
+        resumed run keeps its patience), after an optional linear warm-up stepped every update."""
+        hp = self.hparams
+        schedulers: list[dict[str, Any]] = []
+        warmup_updates = round(hp.warmup_epochs * updates_per_epoch)
+        if warmup_updates > 0:
+            start = min(1.0, max(hp.warmup_lr / hp.lr, 1e-8)) if hp.lr > 0 else 1.0
+            warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=start, total_iters=warmup_updates)
+            schedulers.append({"scheduler": warmup, "interval": "step"})
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode=hp.plateau_mode, factor=hp.decay_rate, patience=hp.patience_epochs, min_lr=hp.min_lr
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        schedulers.append({"scheduler": plateau, "interval": "epoch", "monitor": hp.plateau_monitor, "strict": True})
+        return schedulers
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        # timm schedulers take the update count instead of counting calls, so a resumed run lands on the same LR.
-        scheduler.step_update(num_updates=self.global_step)
+        if isinstance(scheduler, timm.scheduler.scheduler.Scheduler):
+            # timm schedulers take the update count instead of counting calls, so a resumed run lands on the same LR
+            scheduler.step_update(num_updates=self.global_step)
+        elif metric is None:
+            scheduler.step()
+        else:
+            scheduler.step(metric)
 
 
 def _check_optimizer_precision(optimizer: torch.optim.Optimizer, precision: str) -> None:

@@ -1,0 +1,123 @@
+"""The default (scheme='auto') on *trained* weights: right gradients, no ReconstructionError, decisions logged."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_resode import AdjointSequential, ReconstructionError, adjoint_stages, to_adjoint
+from lightning_resode.convert import policy_of
+from lightning_resode.policy import StagePolicy
+from lightning_resode.testing import PRETRAIN_CLASSES, digits_split
+from stacks import conv_blocks, flat_grad
+
+
+@pytest.fixture(scope="module")
+def data():
+    return digits_split(PRETRAIN_CLASSES, 32)
+
+
+def _grad(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)
+    F.cross_entropy(model(images), targets).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()]).double()
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(F.cosine_similarity(a, b, dim=0))
+
+
+@pytest.mark.parametrize("zero_init_last", [False, True], ids=["nozil", "zil"])
+def test_default_calibrates_itself_and_trains_with_right_gradients(trained_small, data, zero_init_last: bool) -> None:
+    """resnet101 (a 23-block stage): to_adjoint(model) with no argument, then plain training steps."""
+    fixture = trained_small("resnet101", zero_init_last)
+    reference = copy.deepcopy(fixture.model)
+    model = to_adjoint(copy.deepcopy(fixture.model))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: weights stay equal to the reference's
+    for step in range(3):
+        images = data.train_images[16 * step : 16 * step + 16]
+        targets = data.train_labels[16 * step : 16 * step + 16]
+        exact = _grad(reference, images, targets)
+        approx = _grad(model, images, targets)  # never raises ReconstructionError
+        optimizer.step()
+        assert _cosine(approx, exact) >= 0.99, (step, policy_of(model).methods())
+    policy = policy_of(model)
+    assert [d.stage for d in policy.decisions] == ["layer1", "layer2", "layer3", "layer4"]
+    assert all(d.reason for d in policy.decisions)
+    # held-out images the calibration never saw
+    exact = _grad(reference, data.test_images[:16], data.test_labels[:16])
+    assert _cosine(_grad(model, data.test_images[:16], data.test_labels[:16]), exact) >= 0.99
+
+
+def test_an_explicit_unsafe_method_warns_loudly_on_its_first_step(trained_small, data) -> None:
+    model = to_adjoint(trained_small("resnet50", False).model, scheme="euler_fast")
+    with pytest.warns(UserWarning, match=r"scheme 'euler_fast' gives a gradient cosine of .* below 0.99"):
+        _grad(model, data.train_images[:8], data.train_labels[:8])
+    assert {s.method for s in adjoint_stages(model).values()} == {"euler_fast"}  # explicit: never changed
+
+
+def test_calibration_leaves_the_model_as_it_was(trained_small, data) -> None:
+    model = to_adjoint(trained_small("resnet50", False).model)
+    before = copy.deepcopy(model.state_dict())
+    rng = torch.get_rng_state()
+    model.eval()
+    policy_of(model).calibrate(model, (data.train_images[:8], data.train_labels[:8]))
+    assert not model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(p.grad is None for p in model.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_decisions_survive_pickling_and_a_state_dict_round_trip(trained_small, data) -> None:
+    model = to_adjoint(trained_small("resnet50", False).model, calibration=(data.train_images[:8], data.train_labels[:8]))
+    methods = policy_of(model).methods()
+    clone = pickle.loads(pickle.dumps(model))
+    assert policy_of(clone).methods() == methods and policy_of(clone).stages["layer1"] is clone.layer1
+    fresh = to_adjoint(trained_small("resnet50", False).model)
+    policy_of(fresh).load_state_dict(policy_of(model).state_dict())
+    assert policy_of(fresh).methods() == methods and not policy_of(fresh).due()
+
+
+def test_a_bad_reconstruction_is_replaced_by_the_exact_gradient_and_recalibrated(caplog) -> None:
+    blocks = [b.double() for b in conv_blocks(10, channels=4, scale=1.0)]  # large residuals: euler is far off
+    x = torch.randn(3, 4, 6, 6, dtype=torch.float64)
+    reference = AdjointSequential(copy.deepcopy(blocks), gradient="backprop")
+    reference(x.clone().requires_grad_()).square().sum().backward()
+    stage = AdjointSequential(copy.deepcopy(blocks), "euler_fast", name="layer3")
+    policy = StagePolicy({"layer3": stage}, mode="auto")
+    policy._apply("layer3", "euler_fast")  # as if a calibration had chosen it, with a tight bound
+    stage.max_reconstruction_error = 1e-3
+    with caplog.at_level(logging.WARNING, logger="lightning_resode.policy"):
+        stage(x.clone().requires_grad_()).square().sum().backward()
+    assert stage.last_backward.fell_back and "reconstruction error" in stage.last_backward.fallback_reason
+    torch.testing.assert_close(flat_grad(stage.parameters()), flat_grad(reference.parameters()), rtol=1e-9, atol=1e-12)
+    assert policy.due() and "recalibrating" in caplog.text
+
+
+def test_without_fallback_the_same_step_raises() -> None:
+    blocks = [b.double() for b in conv_blocks(10, channels=4, scale=1.0)]
+    stage = AdjointSequential(blocks, "euler", name="layer3", keep_input=True)
+    x = torch.full((3, 4, 6, 6), 3.0, dtype=torch.float64, requires_grad=True)
+    try:
+        stage(x).square().sum().backward()
+    except ReconstructionError:
+        pass  # either raises, or (finite) is measurably wrong: never silently exact-looking
+    else:
+        assert stage.last_backward.reconstruction_error > 1e-3
+
+
+def test_bad_policy_options_say_what_is_valid() -> None:
+    stage = AdjointSequential(conv_blocks(3))
+    with pytest.raises(ValueError, match=r"min_cosine must be in \(0, 1\]"):
+        StagePolicy({"s": stage}, min_cosine=1.5)
+    with pytest.raises(ValueError, match=r"unknown candidate method\(s\) \['rk4'\]"):
+        StagePolicy({"s": stage}, candidates=("rk4",))
+    with pytest.raises(ValueError, match="recheck_every must be >= 0"):
+        StagePolicy({"s": stage}, recheck_every=-1)
