@@ -17,14 +17,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import sys
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -35,7 +37,14 @@ from ._commands import REPORT as _REPORT
 from ._commands import check_command, report
 from .convert import adjoint_stages
 from .lit import data as _data  # noqa: F401  (makes the DataModules resolvable by class name)
-from .lit.callbacks import FitSummary, GradientFidelity, InterruptCheckpoint, MemoryMonitor, ReconstructionMonitor
+from .lit.callbacks import FitSummary, GradientFidelity, MemoryMonitor, ReconstructionMonitor
+from .lit.checkpointing import (
+    AtomicCheckpointIO,
+    InterruptCheckpoint,
+    RandomStateCheckpoint,
+    ResodeModelCheckpoint,
+    unreadable_checkpoint,
+)
 from .lit.loggers import build_loggers, logger_specs, prepare_logger
 from .lit.module import ResodeClassifier
 from .lit.prediction import PredictionWriter
@@ -71,7 +80,7 @@ def _hide_from_help(parser: LightningArgumentParser, keep: tuple[str, ...]) -> N
 
 def _extra_callbacks(trainer_config: Any) -> list[Callback]:
     """The callbacks every run gets besides the recipe's sections (``memory``, ``fidelity``…)."""
-    callbacks: list[Callback] = [FitSummary(), InterruptCheckpoint()]
+    callbacks: list[Callback] = [FitSummary(), InterruptCheckpoint(), RandomStateCheckpoint()]
     if trainer_config.get("enable_progress_bar") is not False:
         callbacks.append(RichProgressBar())
     return callbacks
@@ -132,7 +141,7 @@ class ResodeCLI(LightningCLI):
         parser.add_lightning_class_args(MemoryMonitor, "memory")
         parser.add_lightning_class_args(GradientFidelity, "fidelity")
         parser.add_lightning_class_args(ReconstructionMonitor, "reconstruction")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ResodeModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
         parser.set_defaults(
             {
@@ -175,6 +184,14 @@ class ResodeCLI(LightningCLI):
             parser.show_runtime = not self.diagnose_mode
         return parser
 
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters of ``--ckpt_path`` first: say so when the file is not a checkpoint."""
+        try:
+            super()._parse_ckpt_path()
+        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
+            path = self.config[self.config.subcommand].get("ckpt_path")
+            raise unreadable_checkpoint(path, err) from None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.diagnose_mode:
             return None  # type: ignore[return-value]  # diagnose runs the model itself, no Trainer needed
@@ -186,12 +203,23 @@ class ResodeCLI(LightningCLI):
             kwargs["logger"] = build_loggers(root, **config["logging"].as_dict())
         elif isinstance(logger, (list, tuple)):  # e.g. a dumped config run again
             kwargs["logger"] = [prepare_logger(item) for item in logger]
+        kwargs["plugins"] = _with_atomic_checkpoints(kwargs.get("plugins", trainer_config.get("plugins")))
         callbacks = list(kwargs.pop("callbacks", None) or trainer_config.get("callbacks") or [])
         present = {type(c) for c in callbacks}
         kwargs["callbacks"] = callbacks + [c for c in _extra_callbacks(trainer_config) if type(c) not in present]
         if trainer_config.get("enable_progress_bar") is False:  # a dumped config lists the bar; Lightning refuses both
             kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, RichProgressBar)]
         return super().instantiate_trainer(**kwargs)
+
+
+def _with_atomic_checkpoints(plugins: Any) -> list[Any]:
+    """Checkpoints are written atomically unless the recipe brings its own ``CheckpointIO``."""
+    from lightning.fabric.plugins import CheckpointIO
+
+    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else ([] if plugins is None else [plugins])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return plugins
 
 
 def _drop_tips(record: logging.LogRecord) -> bool:

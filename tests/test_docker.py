@@ -187,12 +187,13 @@ def test_torchrun_launcher_rejects_a_missing_config(tmp_path: Path) -> None:
 
 
 def test_slurm_template_requeues_and_sizes_ddp_from_the_allocation() -> None:
+    """SIGTERM before the time limit; every start resumes from the newest checkpoint."""
     lines = (SCRIPTS / "slurm_train.sbatch").read_text().splitlines()
     first_command = next(i for i, line in enumerate(lines[1:], 1) if line.strip() and not line.startswith("#"))
     directives = [line.split(None, 1)[1] for line in lines[:first_command] if line.startswith("#SBATCH")]
     # sbatch reads #SBATCH lines only up to the first command: they must all come before it
     assert not any(line.startswith("#SBATCH") for line in lines[first_command:])
-    assert "--signal=SIGUSR1@90" in directives and "--requeue" in directives
+    assert "--signal=TERM@90" in directives and "--requeue" in directives
     assert any(d.startswith("--nodes=") for d in directives)
     command = _dry_run(
         SCRIPTS / "slurm_train.sbatch",
@@ -203,8 +204,24 @@ def test_slurm_template_requeues_and_sizes_ddp_from_the_allocation() -> None:
     assert command[0] == "srun"
     assert command[command.index("lightning-resode"):] == [
         "lightning-resode", "fit", "--config", "recipes/quickstart.yaml", "--trainer.strategy=ddp",
-        "--trainer.devices=8", "--trainer.num_nodes=2", "--trainer.max_epochs=1",
+        "--trainer.devices=8", "--trainer.num_nodes=2", "--ckpt_path", "last", "--trainer.max_epochs=1",
     ]
+
+
+@pytest.mark.parametrize(("status", "requeued"), [(0, False), (143, True), (130, True), (1, False)])
+def test_slurm_template_requeues_only_an_interrupted_run(status: int, requeued: bool, tmp_path: Path) -> None:
+    """SLURM does not run here: ``srun`` exits with the status a training would, ``scontrol`` records its call."""
+    calls = tmp_path / "scontrol.calls"
+    for name, body in (("srun", f"exit {status}"), ("scontrol", f'echo "$@" >> {calls}')):
+        stub = tmp_path / name
+        stub.write_text(f"#!/usr/bin/env bash\n{body}\n")
+        stub.chmod(0o755)
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env = {**clean, "PATH": f"{tmp_path}:{os.environ['PATH']}", "CONFIG": "recipes/quickstart.yaml",
+           "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_ID": "4242"}
+    result = subprocess.run(["bash", str(SCRIPTS / "slurm_train.sbatch")], env=env, capture_output=True, text=True)
+    assert result.returncode == status
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if requeued else [])
 
 
 # ---------------------------------------------------------------------------------------------- GPU check

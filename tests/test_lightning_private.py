@@ -21,10 +21,13 @@ from lightning_resode.lit._lightning_private import (
     LightningInternalsChanged,
     _internal,
     averaged_model,
+    forget_train_loader,
     logging_step,
+    optimizer_stepped_on_this_batch,
     quiet_wandb_init,
     request_stop_after_batch,
     sync_batchnorm_requested,
+    train_loaders,
 )
 
 
@@ -90,6 +93,46 @@ def test_sync_batchnorm_requested_reads_the_trainer_flag(tmp_path: Path) -> None
     assert not sync_batchnorm_requested(_trainer(tmp_path, devices=2, strategy="ddp"))
     # one device: Lightning ignores the flag, and so do we
     assert not sync_batchnorm_requested(_trainer(tmp_path, devices=1, sync_batchnorm=True))
+
+
+class _RecordStepped(L.Callback):
+    def __init__(self) -> None:
+        self.stepped: list[bool] = []
+        self.loaders: list[int] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.stepped.append(optimizer_stepped_on_this_batch(trainer))
+        self.loaders.append(len(train_loaders(trainer)))
+
+
+def test_optimizer_stepped_on_this_batch_follows_gradient_accumulation(tmp_path: Path) -> None:
+    recorder = _RecordStepped()
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=7, limit_val_batches=0, accumulate_grad_batches=3,
+                       callbacks=[recorder])
+    trainer.fit(BoringModel())
+    # windows of 3 micro-batches, and the epoch's last batch steps too
+    assert recorder.stepped == [False, False, True, False, False, True, True], recorder.stepped
+    assert recorder.loaders == [1] * 7 and trainer.global_step == 3
+
+
+def test_a_forgotten_train_loader_is_built_again_by_the_fit_loop(tmp_path: Path) -> None:
+    built: list[int] = []
+
+    class _Model(BoringModel):
+        def train_dataloader(self) -> Any:
+            built.append(1)
+            return super().train_dataloader()
+
+        def configure_optimizers(self) -> Any:
+            assert not train_loaders(self.trainer)
+            self.trainer.fit_loop.setup_data()
+            assert len(train_loaders(self.trainer)) == 1
+            forget_train_loader(self.trainer)
+            return super().configure_optimizers()
+
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(_Model())
+    assert len(built) == 2 and trainer.global_step == 2
 
 
 def test_a_missing_internal_names_itself_and_what_it_was_for() -> None:

@@ -19,10 +19,13 @@ from lightning.pytorch.strategies import ParallelStrategy
 __all__ = [
     "LightningInternalsChanged",
     "averaged_model",
+    "forget_train_loader",
     "logging_step",
+    "optimizer_stepped_on_this_batch",
     "quiet_wandb_init",
     "request_stop_after_batch",
     "sync_batchnorm_requested",
+    "train_loaders",
 ]
 
 
@@ -96,3 +99,31 @@ def averaged_model(callback: WeightAveraging) -> Any:
     the module's device; the callback keeps it in an attribute without a public accessor.
     """
     return _internal(callback, "_average_model", "create the EMA copy once the module is final")
+
+
+def optimizer_stepped_on_this_batch(trainer: pl.Trainer) -> bool:
+    """In ``on_train_batch_end``: whether this batch ended an optimizer step (not an accumulation micro-batch).
+
+    Sampling callbacks measure once per optimizer step; with ``accumulate_grad_batches=k`` the step count
+    stays the same for k batches. Lightning's own decision (last batch of the window, or of the epoch) has no
+    public accessor.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    should_accumulate = _internal(loop, "_should_accumulate", "measure once per optimizer step when accumulating")
+    return not should_accumulate()
+
+
+def train_loaders(trainer: pl.Trainer) -> list[Any]:
+    """The training DataLoaders of the running fit (empty before the fit loop built them)."""
+    combined = _internal(trainer.fit_loop, "_combined_loader", "rewind resumable loaders on a failed batch")
+    return [] if combined is None else list(combined.flattened)
+
+
+def forget_train_loader(trainer: pl.Trainer) -> None:
+    """Drop a training loader built before the checkpoint restore (``configure_optimizers`` needs its length).
+
+    The fit loop then builds it again after the restore, which is when Lightning hands resumable loaders their
+    position from the checkpoint; a loader kept from before would silently restart the epoch.
+    """
+    _internal(trainer.fit_loop, "_combined_loader", "rebuild the training loader after the checkpoint restore")
+    trainer.fit_loop._combined_loader = None

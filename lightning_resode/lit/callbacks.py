@@ -9,8 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from ..adjoint import AdjointError, ReconstructionError
@@ -27,7 +25,8 @@ from ..adjoint.methods import METHODS
 from ..convert import adjoint_stages, from_adjoint, policy_of
 from ..fidelity import exact_stages, side_effect_free, stage_fidelity
 from ..measure import peak_per_image, saved_activation_bytes
-from ._lightning_private import logging_step, request_stop_after_batch
+from ._lightning_private import logging_step, optimizer_stepped_on_this_batch
+from .checkpointing import InterruptCheckpoint  # noqa: F401  (re-exported: it used to live here)
 from .loggers import log_stage_rows
 
 _MIB = 2.0**20
@@ -44,6 +43,9 @@ def _network(pl_module: pl.LightningModule) -> nn.Module:
 
 
 def _due(trainer: pl.Trainer, every_n_steps: int, upcoming: bool = False) -> bool:
+    """Steps 1, 1+n, …; after a batch, only on the micro-batch that stepped (once per step when accumulating)."""
+    if not upcoming and not optimizer_stepped_on_this_batch(trainer):
+        return False  # gradients are being accumulated: no optimizer step ended with this batch
     # after a step, global_step has already advanced past the step that just finished
     return (trainer.global_step - (0 if upcoming else 1)) % every_n_steps == 0
 
@@ -297,51 +299,7 @@ class ReconstructionMonitor(pl.Callback):
         self.last_errors = errors
 
 
-# ---------------------------------------------------------------------- interruption and summary
-class InterruptCheckpoint(pl.Callback):
-    """On SIGTERM / SIGINT (or a crash) mid-epoch, save ``last.ckpt`` where ``--ckpt_path last`` finds it.
-
-    Lightning defers SIGTERM to the end of the current training batch and raises there, where the model,
-    optimizer and loop counters agree. Ctrl-C would raise ``KeyboardInterrupt`` wherever Python happens to
-    be (possibly between ``optimizer.step()`` and the loop's step counter), so it is routed to the same
-    deferred path; a second Ctrl-C stops at once, without overwriting ``last.ckpt`` with a torn state.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._previous_sigint: Any = None
-        self._trainer: pl.Trainer | None = None
-
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if threading.current_thread() is threading.main_thread():
-            self._trainer = trainer
-            self._previous_sigint = signal.signal(signal.SIGINT, self._stop_after_this_batch)
-
-    def _stop_after_this_batch(self, signum: int, frame: Any) -> None:
-        if self._trainer.received_sigterm:  # Lightning's SIGTERM flag: checked after each batch
-            raise KeyboardInterrupt
-        request_stop_after_batch(self._trainer)
-        rank_zero_info("Ctrl-C: finishing this batch, then saving last.ckpt (press Ctrl-C again to stop at once)")
-
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if trainer.state.fn != "fit" or trainer.checkpoint_callback is None:
-            return
-        dirpath = trainer.checkpoint_callback.dirpath
-        if dirpath is None:
-            return
-        if isinstance(exception, KeyboardInterrupt):
-            rank_zero_warn("stopped at once mid-batch: last.ckpt was left as it was (it may be older)")
-            return
-        path = Path(dirpath) / "last.ckpt"
-        trainer.save_checkpoint(str(path))
-        rank_zero_info(f"interrupted by {type(exception).__name__}: saved {path}; resume with --ckpt_path last")
-
-
+# ---------------------------------------------------------------------- summary
 class FitSummary(pl.Callback):
     """At the end of ``fit``: a table (best accuracy, peak memory, activation MiB/img vs backprop), ``summary.json``
     in the log directory, and the same figures in the W&B run summary, next to each other on the dashboard."""

@@ -6,7 +6,6 @@ RGB images, so any recipe can swap its data without touching the model.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from .sampling import resumable_loader
 
 Triple = tuple[float, float, float]
 
@@ -43,27 +44,6 @@ def model_data_config(datamodule: pl.LightningDataModule, **overrides: Any) -> d
     return config
 
 
-class _EpochSeededSampler(Sampler[int]):
-    """A shuffle whose order depends only on (seed, epoch), so a resumed run sees the same batches.
-
-    A plain ``shuffle=True`` draws from the global RNG, whose state a checkpoint does not restore. Lightning
-    calls ``set_epoch`` on samplers that have it (and swaps in ``DistributedSampler`` under DDP).
-    """
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + 1_000_003 * self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 class _LoaderMixin:
     """Shared batch/worker settings and the four loaders.
 
@@ -85,22 +65,25 @@ class _LoaderMixin:
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
 
-    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
-        size = len(dataset)  # type: ignore[arg-type]
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        """Evaluation order: sequential (under DDP Lightning splits it across ranks)."""
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=_EpochSeededSampler(size, seed=torch.initial_seed() % 2**31) if shuffle else None,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            drop_last=shuffle and size > self.batch_size,
+            generator=torch.Generator().manual_seed(0),  # worker seeds never draw from the global stream
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        """Shuffled by (seed, epoch), each sample augmented under its own seed, resumable mid-epoch (see ``sampling``)."""
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        seed = torch.initial_seed() % 2**31
+        return resumable_loader(self.train_set, self.batch_size, self.num_workers, seed, num_replicas=world, rank=rank)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         if self.test_set is None:
@@ -108,11 +91,11 @@ class _LoaderMixin:
                 f"{type(self).__name__} has no test split: `test` evaluates the validation split "
                 f"({len(self.val_set)} images, also used to pick checkpoints){self._test_hint}"  # type: ignore[arg-type]
             )
-            return self._loader(self.val_set, shuffle=False)
-        return self._loader(self.test_set, shuffle=False)
+            return self._loader(self.val_set)
+        return self._loader(self.test_set)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set if self.predict_set is None else self.predict_set, shuffle=False)
+        return self._loader(self.val_set if self.predict_set is None else self.predict_set)
 
 
 class DigitsDataModule(_LoaderMixin, pl.LightningDataModule):
@@ -302,6 +285,11 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not classes:
             raise ValueError(f"image folder {str(folder)!r} has no class sub-folders")
+        if len(classes) == 1:
+            raise ValueError(
+                f"image folder {str(folder)!r} has one class sub-folder ({classes[0]!r}); a classifier needs at least "
+                "two, one folder per class (<root>/<split>/<class>/*)"
+            )
         return classes
 
     def _transform(self, training: bool) -> Any:

@@ -27,6 +27,16 @@ def wandb_credentials_available() -> bool:
         return False
 
 
+def _tensorboard_available() -> bool:
+    for name in ("tensorboard", "tensorboardX"):  # what Lightning's TensorBoardLogger can write with
+        try:
+            importlib.import_module(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
 def logger_specs(
     root_dir: str | Path,
     wandb: bool = True,
@@ -65,6 +75,11 @@ def build_loggers(
         project, run_name: W&B project and run name.
         tensorboard: also write TensorBoard event files under ``<root_dir>/tensorboard``.
     """
+    if tensorboard and not _tensorboard_available():
+        raise ImportError(
+            "logging.tensorboard=true needs TensorBoard, which is not installed: "
+            "pip install 'lightning-resode[tensorboard]' (or: pip install tensorboard)"
+        )
     loggers = []
     for spec in logger_specs(root_dir, wandb=wandb, project=project, run_name=run_name, tensorboard=tensorboard):
         loggers.append(_instantiate(spec))

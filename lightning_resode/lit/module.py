@@ -10,6 +10,8 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +34,9 @@ from ..convert import SCHEME_CHOICES, adjoint_stages, policy_of, supported_stage
 from ..policy import AUTO_CANDIDATES, StagePolicy
 from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
+from ._lightning_private import forget_train_loader, train_loaders
+from .checkpointing import atomic_save, safe_load
+from .guards import check_finite_input, check_finite_loss
 from .ema import ModelEma
 
 SchedulerName = Literal["cosine", "step", "multistep", "plateau", "poly", "tanh", "none"]
@@ -102,8 +107,10 @@ class ResodeClassifier(pl.LightningModule):
             is set (the local file is the starting point).
         num_classes: classifier outputs (linked from the DataModule by the CLI).
         weights_file: a local ``.safetensors``/``.pth``/``.ckpt`` to initialise from (timm keys, or a Lightning
-            checkpoint of this module); the classifier head is skipped when its shape differs. The two-phase
+            checkpoint of this module); only the classifier may differ (another number of classes). The two-phase
             route loads the tied phase's checkpoint into the untied model this way.
+        weights_partial: let ``weights_file`` differ beyond the classifier (keys of another shape, missing or
+            unknown are skipped, with a warning listing them); otherwise that is an error naming the keys.
         model_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, ODE ResNet ``depth``…).
         stages: stage names to convert (``["layer3", "layer4"]``); ``None`` converts all, ``[]`` none.
         scheme: how each converted stage computes its gradient. ``auto`` (default): per stage, the method
@@ -151,6 +158,7 @@ class ResodeClassifier(pl.LightningModule):
         pretrained: bool = False,
         num_classes: int = 10,
         weights_file: str | None = None,
+        weights_partial: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         stages: list[str] | None = None,
         scheme: Scheme = "auto",
@@ -190,15 +198,15 @@ class ResodeClassifier(pl.LightningModule):
         _check_model_name(model_name)
         if scheme not in SCHEME_CHOICES:
             raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (a classifier with one class has nothing to learn), got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
         self.model = _build_timm_model(model_name, pretrained and weights_file is None, num_classes, model_kwargs or {})
         if weights_file is not None:
-            load_weights_file(self.model, weights_file)
+            load_weights_file(self.model, weights_file, partial=weights_partial)
         self._check_stage_names(stages)
         self.policy: StagePolicy | None = self._convert()
         self._check_freeze_names(freeze or [])
@@ -335,6 +343,7 @@ class ResodeClassifier(pl.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
+        check_finite_input(images, self.global_step)
         images = self._layout(images)  # the stage policy measures the layout training runs in
         self._calibrate_if_due(images, targets)
         if self.mixup is not None and images.shape[0] % 2 == 0:
@@ -342,6 +351,7 @@ class ResodeClassifier(pl.LightningModule):
             loss = torch.sum(-soft_targets * F.log_softmax(self(images), dim=-1), dim=-1).mean()
         else:
             loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        check_finite_loss(loss, self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -374,6 +384,7 @@ class ResodeClassifier(pl.LightningModule):
         optimizer = timm.optim.create_optimizer_v2(
             self.model, opt=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum
         )
+        _check_optimizer_precision(optimizer, self.trainer.precision)
         if hp.scheduler == "none":
             return optimizer
         updates_per_epoch, max_epochs = self._schedule_length()
@@ -405,9 +416,12 @@ class ResodeClassifier(pl.LightningModule):
     def _schedule_length(self) -> tuple[int, int]:
         """Optimizer updates per epoch and epochs in the run, from the epoch length alone (not ``max_steps``), so a
         run stopped early and resumed keeps the same schedule."""
-        if self.trainer.train_dataloader is None:
+        built_early = not train_loaders(self.trainer)
+        if built_early:
             self.trainer.fit_loop.setup_data()  # what estimated_stepping_batches does: sets num_training_batches
         batches = self.trainer.num_training_batches
+        if built_early:  # fit() builds it again after the restore, which applies the checkpoint's data position
+            forget_train_loader(self.trainer)
         if not math.isfinite(batches):
             raise ValueError("scheduler needs a sized training DataLoader; set scheduler='none' or limit_train_batches")
         updates_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
@@ -446,6 +460,20 @@ class ResodeClassifier(pl.LightningModule):
             scheduler.step(metric)
 
 
+def _check_optimizer_precision(optimizer: torch.optim.Optimizer, precision: str) -> None:
+    """float16 weights keep the optimizer state in float16 too, where an ``eps`` like AdamW's 1e-8 rounds to 0."""
+    if str(precision) not in ("16-true", "16"):
+        return
+    smallest = torch.finfo(torch.float16).tiny
+    eps = [g["eps"] for g in optimizer.param_groups if isinstance(g.get("eps"), float) and g["eps"] < smallest]
+    if eps:
+        raise ValueError(
+            f"precision='16-true' with optimizer {type(optimizer).__name__} (eps={eps[0]:g}) diverges: its state is "
+            f"float16, where eps rounds to {float(torch.tensor(eps[0], dtype=torch.float16)):g}. Use bf16-true, "
+            "bf16-mixed or 16-mixed (float32 weights), or an optimizer without eps (sgd, lion)"
+        )
+
+
 # ---------------------------------------------------------------------- weights in and out
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
@@ -454,7 +482,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    state = safe_load(path)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if any(k.startswith(_MODEL_PREFIX) for k in state):
@@ -462,15 +490,45 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights_file(model: nn.Module, path: str | Path) -> None:
-    """Initialise ``model`` from timm-keyed weights or a Lightning checkpoint; a head of another shape is skipped."""
+def _classifier_prefix(model: nn.Module) -> str | None:
+    """``fc.`` / ``head.fc.``: the state_dict prefix of timm's classifier, the one part a fine-tune may reshape."""
+    get = getattr(model, "get_classifier", None)
+    classifier = get() if callable(get) else None
+    if not isinstance(classifier, nn.Module):
+        return None
+    return next((f"{name}." for name, module in model.named_modules() if module is classifier and name), None)
+
+
+def load_weights_file(model: nn.Module, path: str | Path, partial: bool = False) -> list[str]:
+    """Initialise ``model`` from timm-keyed weights or a Lightning checkpoint; returns the keys it skipped.
+
+    Only the classifier may differ (another number of classes): any other key of another shape, missing from the
+    file or unknown to the model is an error naming them, unless ``partial=True``, which loads what matches and
+    warns with the list of what it skipped.
+    """
     state = _read_state_dict(Path(path))
     own = model.state_dict()
     unknown = sorted(set(state) - set(own))
-    if unknown:
-        raise ValueError(f"weights file {str(path)!r} has keys this model lacks, e.g. {unknown[:5]}")
-    mismatched = {k for k, v in state.items() if own[k].shape != v.shape}
-    model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
+    mismatched = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith("num_batches_tracked"))
+    head = _classifier_prefix(model)
+    outside_head = [k for k in unknown + mismatched + missing if head is None or not k.startswith(head)]
+    if outside_head and not partial:
+        parts = [f"{len(keys)} key(s) {what} (e.g. {keys[:3]})" for what, keys in (
+            ("of another shape", [k for k in mismatched if k in outside_head]),
+            ("missing from the file", [k for k in missing if k in outside_head]),
+            ("unknown to the model", [k for k in unknown if k in outside_head]),
+        ) if keys]
+        raise ValueError(
+            f"weights file {str(path)!r} does not fit this model beyond its classifier ({head or 'none found'}): "
+            f"{'; '.join(parts)}. Check model_name/model_kwargs, or load what matches with "
+            "partial=True (model.weights_partial=true)"
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own and k not in mismatched}, strict=False)
+    skipped = sorted(set(unknown + mismatched + missing))
+    if skipped:
+        warnings.warn(f"weights file {str(path)!r}: skipped {len(skipped)} key(s) that do not fit: {skipped[:20]}", stacklevel=2)
+    return skipped
 
 
 def export_timm_weights(checkpoint: str | Path, output: str | Path) -> Path:
@@ -480,14 +538,21 @@ def export_timm_weights(checkpoint: str | Path, output: str | Path) -> Path:
     pretrained_cfg_overlay=dict(file=str(output), num_classes=N))`` (N in the overlay too, or timm
     re-initialises the classifier as a mismatched head).
     """
-    state = _read_state_dict(Path(checkpoint))
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.exists() and output.resolve() == Path(checkpoint).resolve():
+        raise ValueError(f"export_timm_weights would overwrite its input {str(checkpoint)!r}; write to another file")
+    state = _read_state_dict(Path(checkpoint))
     state = {k: v.contiguous() for k, v in state.items()}
     if output.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(state, str(output))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        temporary = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+        try:
+            save_file(state, str(temporary))
+            os.replace(temporary, output)
+        finally:
+            temporary.unlink(missing_ok=True)
     else:
-        torch.save(state, str(output))
+        atomic_save(state, output)
     return output

@@ -1,0 +1,90 @@
+"""Errors say what is wrong, naming the value: one-class data, non-finite input or loss, weights that do not fit,
+TensorBoard missing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from torch.utils.data import TensorDataset
+
+from lightning_resode.cli import main
+from lightning_resode.lit import ResodeClassifier, build_loggers, load_weights_file
+from lightning_resode.lit.guards import NonFiniteInputError, TrainingDivergedError
+
+QUICK = [
+    "--config", "recipes/quickstart.yaml", "--logging.wandb=false", "--trainer.enable_progress_bar=false",
+    "--model.model_name=resnet10t", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+    "--trainer.max_epochs=1", "--trainer.num_sanity_val_steps=0", "--data.init_args.batch_size=8",
+]
+
+
+def test_a_one_class_image_folder_is_named_with_the_reason(tmp_path: Path) -> None:
+    for split in ("train", "val"):
+        (tmp_path / split / "only").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / split / "only" / "0.png")
+    with pytest.raises(ValueError, match=r"one class sub-folder \('only'\)") as info:
+        main(["fit", *QUICK, f"--trainer.default_root_dir={tmp_path / 'run'}", "--data=ImageFolderDataModule",
+              f"--data.init_args.root={tmp_path}"])
+    assert str(tmp_path / "train") in str(info.value)
+
+
+def _fit_on(images: torch.Tensor, tmp_path: Path, **options) -> None:
+    targets = torch.arange(len(images)) % 2
+    data = pl.LightningDataModule.from_datasets(train_dataset=TensorDataset(images, targets), batch_size=4)
+    model = ResodeClassifier("resnet10t", num_classes=2, scheduler="none", **options)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(model, data)
+
+
+def test_non_finite_input_is_reported_as_such_naming_the_step(tmp_path: Path) -> None:
+    images = torch.randn(8, 3, 16, 16)
+    images[5, 0, 3, 3] = float("nan")
+    with pytest.raises(NonFiniteInputError, match=r"step \d holds 1 NaN"):
+        _fit_on(images, tmp_path)
+
+
+def test_a_diverged_loss_is_reported_as_divergence_not_as_a_scheme_problem(tmp_path: Path) -> None:
+    with pytest.raises(TrainingDivergedError, match=r"diverged: loss is (nan|inf) at step \d"):
+        _fit_on(torch.randn(12, 3, 16, 16) * 1e3, tmp_path, optimizer="sgd", lr=1e12)
+
+
+def _weights(tmp_path: Path, name: str, **kwargs) -> Path:
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in timm.create_model(name, **kwargs).state_dict().items()}, str(path))
+    return path
+
+
+def test_weights_file_may_differ_in_the_classifier_only(tmp_path: Path) -> None:
+    model = timm.create_model("resnet10t", num_classes=3)
+    with pytest.warns(UserWarning, match="skipped 2 key"):
+        skipped = load_weights_file(model, _weights(tmp_path, "resnet10t", num_classes=7))
+    assert skipped == ["fc.bias", "fc.weight"]
+
+    deeper = _weights(tmp_path, "resnet14t", num_classes=3)
+    with pytest.raises(ValueError, match="unknown to the model") as info:
+        load_weights_file(model, deeper)
+    assert "layer1.0.conv1.weight" in str(info.value)
+    assert "partial=True" in str(info.value)
+    narrower = _weights(tmp_path, "resnet18", num_classes=3)
+    with pytest.raises(ValueError, match="of another shape"):
+        load_weights_file(timm.create_model("resnet18", num_classes=3, channels=(8, 16, 32, 64)), narrower)
+    with pytest.warns(UserWarning, match="skipped"):
+        skipped = load_weights_file(model, deeper, partial=True)
+    assert "layer1.0.conv1.weight" in skipped and "layer1.0.bn3.bias" in skipped
+
+
+def test_tensorboard_logs_or_says_how_to_install_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    main(["fit", *QUICK, f"--trainer.default_root_dir={tmp_path}", "--logging.tensorboard=true"])
+    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*"))
+    for name in ("tensorboard", "tensorboardX"):  # as on a machine without them
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'lightning-resode\[tensorboard\]'"):
+        build_loggers(tmp_path, wandb=False, tensorboard=True)
