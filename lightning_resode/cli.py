@@ -132,6 +132,10 @@ class _SaveConfigToLoggers(SaveConfigCallback):
                 logger.experiment.config.update(config, allow_val_change=True)
 
 
+class _UsageError(Exception):
+    """A configuration value rejected while building the model, data or trainer."""
+
+
 class ResodeCLI(LightningCLI):
     """LightningCLI with the callbacks, loggers and checkpoint layout every lightning-resode run shares."""
 
@@ -191,6 +195,14 @@ class ResodeCLI(LightningCLI):
         except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
             path = self.config[self.config.subcommand].get("ckpt_path")
             raise unreadable_checkpoint(path, err) from None
+
+    def instantiate_classes(self) -> None:
+        # a value the constructors reject (min_cosine=2, an unknown stage or model family) is a usage error
+        # like an unknown key: one line naming it, before anything trains, not a traceback
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            raise _UsageError(str(err)) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.diagnose_mode:
@@ -327,7 +339,7 @@ def main(args: list[str] | None = None) -> None:
             report(argv[1:])
             return
         cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
-    except PretrainedWeightsUnavailable as err:  # a known, fixable situation: the message, not a traceback
+    except (PretrainedWeightsUnavailable, _UsageError) as err:  # known, fixable: the message, not a traceback
         raise SystemExit(f"{_PROG}: error: {err}") from None
     _finish_wandb(cli.trainer)
 

@@ -242,6 +242,10 @@ def to_adjoint(
     family = _family_of(model)
     if scheme not in SCHEME_CHOICES:
         raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
+    if not 0.0 < min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
+    if recheck_every < 0:
+        raise ValueError(f"recheck_every must be >= 0 (0: never), got {recheck_every}")
     if scheme == "heun":
         warnings.warn(
             "scheme='heun' changes the network's function (Heun steps pair consecutive blocks); a pretrained "

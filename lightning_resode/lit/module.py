@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 import timm
 import timm.data
 import timm.optim
@@ -198,6 +199,10 @@ class ResodeClassifier(pl.LightningModule):
         _check_model_name(model_name)
         if scheme not in SCHEME_CHOICES:
             raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
+        if not 0.0 < min_cosine <= 1.0:
+            raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
+        if recheck_every < 0:
+            raise ValueError(f"recheck_every must be >= 0 (0: never), got {recheck_every}")
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (a classifier with one class has nothing to learn), got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -306,10 +311,13 @@ class ResodeClassifier(pl.LightningModule):
         for d in decisions:
             metrics[f"policy/method_rank/{d.stage}"] = float(order.index(d.method))
             metrics[f"policy/grad_cosine/{d.stage}"] = float(d.grad_cosine)
+        # log_dir is a collective under DDP: every rank asks, only rank 0 writes
+        log_dir = self.trainer.log_dir if self.trainer.loggers else None
         if self.trainer.is_global_zero:
             for logger in self.trainer.loggers:
                 logger.log_metrics(metrics, step=self.global_step)
-            log_dir = self.trainer.log_dir or self.trainer.default_root_dir
+            for d in decisions:
+                rank_zero_info(f"stage policy, step {d.step}: {d.stage} -> {d.method} ({d.reason})")
             if log_dir:
                 path = Path(log_dir) / "policy.json"
                 path.parent.mkdir(parents=True, exist_ok=True)
