@@ -24,7 +24,7 @@ from torch import nn
 
 from .adjoint import AdjointSequential
 from .adjoint.methods import METHODS, SCHEME_CHOICES, get_method
-from .policy import StagePolicy
+from .policy import StagePolicy, check_policy_options
 
 __all__ = ["SCHEME_CHOICES", "adjoint_stages", "from_adjoint", "policy_of", "supported_stage_names", "to_adjoint"]
 
@@ -240,12 +240,7 @@ def to_adjoint(
             when it is unsafe for a stage.
     """
     family = _family_of(model)
-    if scheme not in SCHEME_CHOICES:
-        raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
-    if not 0.0 < min_cosine <= 1.0:
-        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
-    if recheck_every < 0:
-        raise ValueError(f"recheck_every must be >= 0 (0: never), got {recheck_every}")
+    check_policy_options(scheme, min_cosine, recheck_every)
     if scheme == "heun":
         warnings.warn(
             "scheme='heun' changes the network's function (Heun steps pair consecutive blocks); a pretrained "

@@ -54,6 +54,18 @@ SAFETY_MARGIN = 0.25
 EARLY_RECHECKS = (1, 10, 100)
 
 
+def check_policy_options(scheme: str, min_cosine: float, recheck_every: int) -> None:
+    """Reject bad policy settings early, naming the value (for every scheme, not only when a policy is made)."""
+    from .adjoint.methods import SCHEME_CHOICES
+
+    if scheme not in SCHEME_CHOICES:
+        raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
+    if not 0.0 < min_cosine <= 1.0:
+        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
+    if recheck_every < 0:
+        raise ValueError(f"recheck_every must be >= 0 (0: never), got {recheck_every}")
+
+
 @dataclass
 class PolicyDecision:
     """One stage's method and why (one row of the policy's log)."""
@@ -108,10 +120,7 @@ class StagePolicy:
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "check"):
             raise ValueError(f"policy mode must be 'auto' or 'check', got {self.mode!r}")
-        if not 0.0 < self.min_cosine <= 1.0:
-            raise ValueError(f"min_cosine must be in (0, 1], got {self.min_cosine}")
-        if self.recheck_every < 0:
-            raise ValueError(f"recheck_every must be >= 0 (0: never), got {self.recheck_every}")
+        check_policy_options("auto", self.min_cosine, self.recheck_every)
         if self.sample_images < 2:
             raise ValueError(f"sample_images must be >= 2 (BatchNorm needs two), got {self.sample_images}")
         unknown = [c for c in self.candidates if c not in METHODS]

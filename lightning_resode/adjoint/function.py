@@ -355,13 +355,18 @@ def _head_vjp(run: StageRun, x_in: torch.Tensor, grad: torch.Tensor, needs_input
     return grad_x, list(zip(head_params, grads)), error
 
 
-def _exact_backward(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_input_grad: bool):
-    """Checkpointing: recompute the whole stage from its input with autograd, then one VJP. Exact."""
+def _exact_backward(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_input_grad: bool, mode: str = "exact"):
+    """Recompute the stage from ``x_in`` with autograd, then one VJP: exact.
+
+    ``mode="exact"``: checkpointing (batch statistics of the recomputation, which are the forward's).
+    ``mode="substitute"``: after a reconstructing forward, replaying the statistics it recorded (the fallback).
+    ``x_in`` is this node's input: the stage input, or the head's exact output when the head is its own node.
+    """
     stage = run.stage
     with torch.enable_grad():
         x = x_in.detach().requires_grad_(needs_input_grad)
-        h = run.run_head(x, "exact")
-        evaluate = run.evaluator("exact")
+        h = run.run_head(x, "exact") if run.part == "all" else x
+        evaluate = run.evaluator(mode)
         for s in range(stage.num_steps):
             h, _ = stage.scheme_impl.step(s, h, evaluate)
         inputs = ([x] if needs_input_grad else []) + run.params
@@ -488,26 +493,7 @@ def _fall_back(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_
     """Replace this backward's approximate gradient by the exact one, recomputed from the stored stage input."""
     report.fell_back, report.fallback_reason = True, reason
     run.stage.note_fallback(reason)
-    return _exact_backward_replayed(run, x_in, grad_out, needs_input_grad)
-
-
-def _exact_backward_replayed(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_input_grad: bool):
-    """The exact stage gradient after an adjoint forward: head exact, steps replaying the recorded statistics.
-
-    ``x_in`` is this node's input: the stage input, or the head's exact output when the head is its own node.
-    """
-    stage = run.stage
-    with torch.enable_grad():
-        x = x_in.detach().requires_grad_(needs_input_grad)
-        h = run.run_head(x, "exact") if run.has_head else x
-        evaluate = run.evaluator("substitute")
-        for s in range(stage.num_steps):
-            h, _ = stage.scheme_impl.step(s, h, evaluate)
-        inputs = ([x] if needs_input_grad else []) + run.params
-        grads = torch.autograd.grad(h, inputs, grad_out, allow_unused=True)
-        del h
-    grad_x = grads[0] if needs_input_grad else None
-    return grad_x, list(grads[1:] if needs_input_grad else grads)
+    return _exact_backward(run, x_in, grad_out, needs_input_grad, mode="substitute")
 
 
 def _non_finite_message(stage: "AdjointSequential", bad_step: int, grad_out: torch.Tensor, output_finite: torch.Tensor | None) -> str:

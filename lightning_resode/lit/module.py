@@ -31,8 +31,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from .. import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
 from ..adjoint import AdjointSequential
 from ..adjoint.methods import METHODS, get_method
-from ..convert import SCHEME_CHOICES, adjoint_stages, policy_of, supported_stage_names, to_adjoint
-from ..policy import AUTO_CANDIDATES, StagePolicy
+from ..convert import adjoint_stages, policy_of, supported_stage_names, to_adjoint
+from ..policy import AUTO_CANDIDATES, StagePolicy, check_policy_options
 from ..pretrained import PretrainedWeightsUnavailable, create_model
 from .distributed import validate_distributed
 from ._lightning_private import forget_train_loader, train_loaders
@@ -197,12 +197,7 @@ class ResodeClassifier(pl.LightningModule):
         self.save_hyperparameters()
         _check_schedule_options(self.hparams)
         _check_model_name(model_name)
-        if scheme not in SCHEME_CHOICES:
-            raise ValueError(f"unknown scheme {scheme!r}; valid: {list(SCHEME_CHOICES)}")
-        if not 0.0 < min_cosine <= 1.0:
-            raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine}")
-        if recheck_every < 0:
-            raise ValueError(f"recheck_every must be >= 0 (0: never), got {recheck_every}")
+        check_policy_options(scheme, min_cosine, recheck_every)
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (a classifier with one class has nothing to learn), got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
