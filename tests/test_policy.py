@@ -121,3 +121,20 @@ def test_bad_policy_options_say_what_is_valid() -> None:
         StagePolicy({"s": stage}, candidates=("rk4",))
     with pytest.raises(ValueError, match="recheck_every must be >= 0"):
         StagePolicy({"s": stage}, recheck_every=-1)
+
+
+def test_out_of_memory_during_calibration_is_not_taken_for_a_failed_method() -> None:
+    stage = AdjointSequential([b.double() for b in conv_blocks(4, channels=4)], name="layer1")
+    model = torch.nn.Sequential(stage, torch.nn.Flatten(), torch.nn.LazyLinear(3).double())
+    model(torch.randn(2, 4, 6, 6, dtype=torch.float64))  # materialise the lazy head
+    policy = StagePolicy({"layer1": stage}, mode="auto")
+    calls = []
+
+    def out_of_memory_on_the_first_candidate(module, args):  # noqa: ANN001
+        calls.append(1)
+        if len(calls) == 2:  # 1: the exact reference; 2: the first method tried
+            raise torch.OutOfMemoryError("injected: out of memory while trying a method")
+
+    model.register_forward_pre_hook(out_of_memory_on_the_first_candidate)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        policy.calibrate(model, torch.randn(4, 4, 6, 6, dtype=torch.float64))
