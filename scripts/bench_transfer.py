@@ -259,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = fine_tune(base, method, data, steps=steps, batch_size=preset["batch_size"], eval_every=eval_every, reference_grad=reference)
                 run["commit"] = commit
                 entry["methods"][method] = run
+                order = {m: i for i, m in enumerate(available)}  # one column order, however the runs were merged
+                entry["methods"] = dict(sorted(entry["methods"].items(), key=lambda kv: order.get(kv[0], len(order))))
                 cos = run["first_step_grad_cosine"]
                 print(
                     f"{key} {method}: held-out {100 * run['final_accuracy']:.1f} % after {steps} steps; first-step cosine "
