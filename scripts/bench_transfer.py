@@ -193,20 +193,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
+    """Rows: methods; columns: fixtures; cells: final accuracy, mean of the last three evaluations, first-step cosine."""
     runs = result["runs"]
     methods = list(dict.fromkeys(m for run in runs.values() for m in run["methods"]))
-    lines = ["| fixture | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for key, run in runs.items():
+    lines = ["| method | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for method in methods:
         cells = []
-        for method in methods:
+        for run in runs.values():
             r = run["methods"].get(method)
             if r is None:
                 cells.append("–")
                 continue
+            tail = r["accuracy"][-3:]
             cos = r["first_step_grad_cosine"]
-            text = f"{100 * r['final_accuracy']:.1f}" + ("" if cos is None else f" ({cos:.3f})")
+            text = f"{100 * r['final_accuracy']:.1f} / {100 * sum(tail) / len(tail):.1f}" + ("" if cos is None else f" ({cos:.4f})")
             cells.append(text + (f" [{r['failed_steps']} failed]" if r["failed_steps"] else ""))
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -270,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a long job keeps its partial results
     plot(result, out / "bench_transfer.png")
-    print("\nfinal held-out accuracy % (first-step gradient cosine vs backprop):\n" + table(result))
+    print("\nheld-out accuracy %: final / mean of the last 3 evaluations (first-step gradient cosine vs backprop):\n" + table(result))
     return result
 
 
