@@ -128,6 +128,7 @@ def fine_tune(base: nn.Module, method: str, data: Any, *, steps: int, batch_size
                 curve_steps.append(step)
                 curve_acc.append(accuracy(model, data.test_images, data.test_labels))
         seconds = time.perf_counter() - start
+    policy = _policy(model)
     for record in records:
         text = f"{record.category.__name__}: {record.message}"
         if text not in caught and len(caught) < 6:
@@ -141,7 +142,18 @@ def fine_tune(base: nn.Module, method: str, data: Any, *, steps: int, batch_size
         "first_failed_step": failed[0] if failed else None,
         "messages": caught,
         "seconds_per_step": round(seconds / steps, 3),
+        # what the stage policy (auto, or the check of an explicit method) ended with, where there is one
+        "stage_methods": None if policy is None else policy.methods(),
+        "exact_fallbacks": None if policy is None else policy.fallbacks,
     }
+
+
+def _policy(model: nn.Module) -> Any:
+    try:
+        from lightning_resode.convert import policy_of
+    except ImportError:  # a version of the library without stage policies
+        return None
+    return policy_of(model)
 
 
 def _with_new_head(model: nn.Module, classes: int) -> nn.Module:
