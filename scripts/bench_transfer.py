@@ -54,6 +54,18 @@ PRESETS = {
     "quick": {"size": "small", "steps": 40, "batch_size": 16, "eval_every": 10, "out": Path("runs/bench_transfer_quick")},
 }
 LR, WEIGHT_DECAY, SEED = 5e-4, 0.05, 0
+#: one colour per method in every panel (exact methods dashed: they lie on top of backprop's curve)
+STYLES: dict[str, dict[str, Any]] = {
+    "backprop": dict(color="black", lw=2.5),
+    "default": dict(color="tab:red", lw=2),
+    "euler_fast": dict(color="tab:blue", lw=1.2),
+    "euler": dict(color="tab:orange", lw=1.2),
+    "block_fp16": dict(color="tab:green", lw=1.2),
+    "block_bf16": dict(color="tab:purple", lw=1.2),
+    "block": dict(color="tab:brown", lw=1.2, ls="--"),
+    "checkpoint": dict(color="tab:gray", lw=1.2, ls="--"),
+    "auto": dict(color="tab:pink", lw=1.2),
+}
 
 
 def default_scheme() -> str:
@@ -186,7 +198,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for method, run in runs[key]["methods"].items():
-            style = {"backprop": dict(color="black", lw=2.5), "default": dict(color="tab:red", lw=2)}.get(method, dict(lw=1.2))
+            style = STYLES.get(method, dict(lw=1.2))
             label = method + (f" ({run['failed_steps']} failed steps)" if run["failed_steps"] else "")
             ax.plot(run["steps"], [100 * a for a in run["accuracy"]], marker=".", label=label, **style)
         fixture = runs[key]["fixture"]
