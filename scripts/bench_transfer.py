@@ -54,6 +54,18 @@ PRESETS = {
     "quick": {"size": "small", "steps": 40, "batch_size": 16, "eval_every": 10, "out": Path("runs/bench_transfer_quick")},
 }
 LR, WEIGHT_DECAY, SEED = 5e-4, 0.05, 0
+#: one colour per method in every panel (exact methods dashed: they lie on top of backprop's curve)
+STYLES: dict[str, dict[str, Any]] = {
+    "backprop": dict(color="black", lw=2.5),
+    "default": dict(color="tab:red", lw=2),
+    "euler_fast": dict(color="tab:blue", lw=1.2),
+    "euler": dict(color="tab:orange", lw=1.2),
+    "block_fp16": dict(color="tab:green", lw=1.2),
+    "block_bf16": dict(color="tab:purple", lw=1.2),
+    "block": dict(color="tab:brown", lw=1.2, ls="--"),
+    "checkpoint": dict(color="tab:gray", lw=1.2, ls="--"),
+    "auto": dict(color="tab:pink", lw=1.2),
+}
 
 
 def default_scheme() -> str:
@@ -128,6 +140,7 @@ def fine_tune(base: nn.Module, method: str, data: Any, *, steps: int, batch_size
                 curve_steps.append(step)
                 curve_acc.append(accuracy(model, data.test_images, data.test_labels))
         seconds = time.perf_counter() - start
+    policy = _policy(model)
     for record in records:
         text = f"{record.category.__name__}: {record.message}"
         if text not in caught and len(caught) < 6:
@@ -141,7 +154,18 @@ def fine_tune(base: nn.Module, method: str, data: Any, *, steps: int, batch_size
         "first_failed_step": failed[0] if failed else None,
         "messages": caught,
         "seconds_per_step": round(seconds / steps, 3),
+        # what the stage policy (auto, or the check of an explicit method) ended with, where there is one
+        "stage_methods": None if policy is None else policy.methods(),
+        "exact_fallbacks": None if policy is None else policy.fallbacks,
     }
+
+
+def _policy(model: nn.Module) -> Any:
+    try:
+        from lightning_resode.convert import policy_of
+    except ImportError:  # a version of the library without stage policies
+        return None
+    return policy_of(model)
 
 
 def _with_new_head(model: nn.Module, classes: int) -> nn.Module:
@@ -174,7 +198,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.8 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         for method, run in runs[key]["methods"].items():
-            style = {"backprop": dict(color="black", lw=2.5), "default": dict(color="tab:red", lw=2)}.get(method, dict(lw=1.2))
+            style = STYLES.get(method, dict(lw=1.2))
             label = method + (f" ({run['failed_steps']} failed steps)" if run["failed_steps"] else "")
             ax.plot(run["steps"], [100 * a for a in run["accuracy"]], marker=".", label=label, **style)
         fixture = runs[key]["fixture"]
@@ -193,20 +217,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
+    """Rows: methods; columns: fixtures; cells: final accuracy, mean of the last three evaluations, first-step cosine."""
     runs = result["runs"]
     methods = list(dict.fromkeys(m for run in runs.values() for m in run["methods"]))
-    lines = ["| fixture | " + " | ".join(methods) + " |", "|---" * (len(methods) + 1) + "|"]
-    for key, run in runs.items():
+    lines = ["| method | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for method in methods:
         cells = []
-        for method in methods:
+        for run in runs.values():
             r = run["methods"].get(method)
             if r is None:
                 cells.append("–")
                 continue
+            tail = r["accuracy"][-3:]
             cos = r["first_step_grad_cosine"]
-            text = f"{100 * r['final_accuracy']:.1f}" + ("" if cos is None else f" ({cos:.3f})")
+            text = f"{100 * r['final_accuracy']:.1f} / {100 * sum(tail) / len(tail):.1f}" + ("" if cos is None else f" ({cos:.4f})")
             cells.append(text + (f" [{r['failed_steps']} failed]" if r["failed_steps"] else ""))
-        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -259,6 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 run = fine_tune(base, method, data, steps=steps, batch_size=preset["batch_size"], eval_every=eval_every, reference_grad=reference)
                 run["commit"] = commit
                 entry["methods"][method] = run
+                order = {m: i for i, m in enumerate(available)}  # one column order, however the runs were merged
+                entry["methods"] = dict(sorted(entry["methods"].items(), key=lambda kv: order.get(kv[0], len(order))))
                 cos = run["first_step_grad_cosine"]
                 print(
                     f"{key} {method}: held-out {100 * run['final_accuracy']:.1f} % after {steps} steps; first-step cosine "
@@ -268,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 out.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(result, indent=2) + "\n")  # after every run: a long job keeps its partial results
     plot(result, out / "bench_transfer.png")
-    print("\nfinal held-out accuracy % (first-step gradient cosine vs backprop):\n" + table(result))
+    print("\nheld-out accuracy %: final / mean of the last 3 evaluations (first-step gradient cosine vs backprop):\n" + table(result))
     return result
 
 

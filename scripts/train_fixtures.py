@@ -22,6 +22,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the full records as JSON")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table of the records")
     args = parser.parse_args()
     records = {}
     for name in args.models:
@@ -40,6 +41,29 @@ def main() -> None:
             records[f"{name}-{'zil' if zero_init_last else 'nozil'}"] = info
     if args.json:
         print(json.dumps(records, indent=2))
+    if args.markdown:
+        print(markdown(records))
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+def markdown(records: dict[str, dict]) -> str:
+    """One row per fixture: accuracy, residual ratio and clip fraction per stage, training time."""
+    lines = [
+        "| fixture | held-out accuracy (digits 0–4) | residual ratio layer1…4 | ReLU clip fraction layer1…4 | training |",
+        "|---|---|---|---|---|",
+    ]
+    for key, info in records.items():
+        stages = info["stages"].values()
+        ratios = " / ".join(f"{s['residual_ratio']:.3f}" for s in stages)
+        clips = " / ".join(f"{s['clip_fraction']:.2f}" for s in stages)
+        lines.append(
+            f"| {key} | {100 * info['held_out_accuracy']:.1f} % of {info['held_out_images']} | {ratios} | {clips} | "
+            f"{info['steps']} steps, {_duration(info['training_seconds'])} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -87,7 +87,8 @@ def test_gradients_on_trained_weights(trained_small, batch, model_name: str, zer
         cosine, rel = figures[scheme]
         assert cosine == pytest.approx(1.0, abs=1e-6) and rel < 1e-4, (scheme, figures[scheme])
     if "auto" in figures:
-        assert figures["auto"] != "ReconstructionError" and figures["auto"][0] >= 0.99, figures["auto"]
+        # auto calibrated on this very batch: its promise is a whole-model cosine >= min_cosine (0.99) on it
+        assert figures["auto"] != "ReconstructionError" and figures["auto"][0] >= 0.99, (figures["auto"], figures["auto choice"])
     # Reversing x -> relu(x + f(x)) cannot recover the coordinates the ReLU set to zero (they clip here: see the
     # fixture's clip fractions), so plain Euler reversal is never exact on these weights; on deep stages the
     # error compounds until the reconstruction is stopped.
