@@ -219,7 +219,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def table(result: dict[str, Any]) -> str:
     """Rows: methods; columns: fixtures; cells: final accuracy, mean of the last three evaluations, first-step cosine."""
     runs = result["runs"]
-    methods = list(dict.fromkeys(m for run in runs.values() for m in run["methods"]))
+    order = {m: i for i, m in enumerate(methods_available())}
+    methods = sorted(dict.fromkeys(m for run in runs.values() for m in run["methods"]), key=lambda m: order.get(m, len(order)))
     lines = ["| method | " + " | ".join(runs) + " |", "|---" * (len(runs) + 1) + "|"]
     for method in methods:
         cells = []
