@@ -51,7 +51,8 @@ def test_bad_options_fail_at_parse_time_naming_them(override: str, named: str, c
     [("--model.model_name=resnet181", "resnet181"), ("--model.stages=[layer9]", "layer9"), ("--model.freeze=[nope]", "nope")],
 )
 def test_bad_names_fail_before_training(override: str, named: str, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=named):
+    # a usage error: one line naming the value (no traceback), before anything trains
+    with pytest.raises(SystemExit, match=rf"^lightning-resode: error: .*{named}"):
         main(["fit", *QUICK, f"--trainer.default_root_dir={tmp_path}", override])
     assert not (tmp_path / "checkpoints").exists()
 
