@@ -136,6 +136,16 @@ class _UsageError(Exception):
     """A configuration value rejected while building the model, data or trainer."""
 
 
+def _reason(err: BaseException) -> str:
+    """The constructor's own message; for a class chosen by name, jsonargparse lists it among its 'Errors:'."""
+    text = str(err)
+    if "Errors:" not in text:
+        return text
+    reasons = [line.strip()[2:] for line in text.split("Errors:", 1)[1].splitlines() if line.strip().startswith("- ")]
+    reasons = [r for r in reasons if not r.startswith("Expected a <class 'NoneType'>")]
+    return reasons[0] if reasons else text
+
+
 class ResodeCLI(LightningCLI):
     """LightningCLI with the callbacks, loggers and checkpoint layout every lightning-resode run shares."""
 
@@ -202,7 +212,7 @@ class ResodeCLI(LightningCLI):
         try:
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
-            raise _UsageError(str(err)) from err
+            raise _UsageError(_reason(err)) from err
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.diagnose_mode:

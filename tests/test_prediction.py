@@ -93,7 +93,8 @@ def test_test_uses_the_test_split_when_there_is_one(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert data.test_dataloader().dataset.root == str(root / "test")
-    _image(tmp_path / "elsewhere" / "cat" / "0.png", 0)
+    for label in ("cat", "fox"):  # two classes, but not the training ones
+        _image(tmp_path / "elsewhere" / label / "0.png", 0)
     data = ImageFolderDataModule(str(root), test_root=str(tmp_path / "elsewhere"), num_workers=0)
     with pytest.raises(ValueError, match="differ from the training classes"):
         data.setup("test")
