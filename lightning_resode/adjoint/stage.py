@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import AdjointError, ShapeChangeError
 from .function import AdjointStageFunction, BackwardReport, StageRun
-from .schemes import Scheme, get_scheme
+from .schemes import get_scheme
 
 Gradient = Literal["adjoint", "block", "checkpoint", "backprop"]
 GRADIENTS: tuple[str, ...] = ("adjoint", "block", "checkpoint", "backprop")
