@@ -295,12 +295,14 @@ class ResodeClassifier(pl.LightningModule):
         if policy is None:
             return
         known = len(policy.decisions)
+        calibrating = policy.due() and images.shape[0] >= 2  # the same on every rank: steps, not measurements
         policy.before_step(self.model, (images, targets))
-        new = policy.decisions[known:]
-        if new:
-            self._log_decisions(new)
+        if calibrating:
+            # every rank takes part (asking for the log directory is a collective under DDP); rank 0 writes
+            self._log_decisions(policy.decisions[known:])
 
     def _log_decisions(self, decisions: list) -> None:
+        """Decisions as ``policy/*`` metrics, console lines and ``policy.json`` (rank 0), on every rank's call."""
         order = list(METHODS)
         metrics: dict[str, float] = {}
         for d in decisions:
@@ -309,7 +311,7 @@ class ResodeClassifier(pl.LightningModule):
         # log_dir is a collective under DDP: every rank asks, only rank 0 writes
         log_dir = self.trainer.log_dir if self.trainer.loggers else None
         if self.trainer.is_global_zero:
-            for logger in self.trainer.loggers:
+            for logger in self.trainer.loggers if metrics else ():
                 logger.log_metrics(metrics, step=self.global_step)
             for d in decisions:
                 rank_zero_info(f"stage policy, step {d.step}: {d.stage} -> {d.method} ({d.reason})")
