@@ -11,7 +11,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    each with the stages above already set, trying the methods of ``AUTO_CANDIDATES`` from the least peak
    memory to the most; the first whose stage *and* whole-model gradient cosine keep within half the
    allowed error (1 - cosine <= (1 - ``min_cosine``) / 4, a margin so that batches the calibration did not
-   see stay above ``min_cosine``) wins. ``block`` (exact) always qualifies.
+   see stay above ``min_cosine``) wins; a reconstruction must also pass on each half of the batch (it
+   depends on the batch's statistics). ``block`` (exact) always qualifies.
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -116,6 +117,8 @@ class StagePolicy:
     _pending: set[str] = field(default_factory=set)
     _calibrating: bool = False
     _checked: bool = False
+    _half_probes: list | None = None
+    _exact_reference_stages: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "check"):
@@ -198,14 +201,18 @@ class StagePolicy:
         new: list[PolicyDecision] = []
         with side_effect_free(model), no_fallback(stages):
             exact = exact_gradients(model, stages, images, targets, params)
+            self._half_probes, self._exact_reference_stages = None, stages
             previous = {name: stage.method for name, stage in stages.items()}
             for stage in stages.values():
                 stage.configure(method="block")
-            for name in reversed(list(stages)):
-                stage = stages[name]
-                decision = self._choose_stage(model, name, stage, images, targets, params, exact)
-                if decision.method != previous[name] or not any(d.stage == name for d in self.decisions):
-                    new.append(decision)
+            try:
+                for name in reversed(list(stages)):
+                    stage = stages[name]
+                    decision = self._choose_stage(model, name, stage, images, targets, params, exact)
+                    if decision.method != previous[name] or not any(d.stage == name for d in self.decisions):
+                        new.append(decision)
+            finally:
+                self._half_probes = self._exact_reference_stages = None  # gradients and images: not kept
         methods = {name: stage.method for name, stage in stages.items()}
         if self.sync is not None:
             methods = self.sync(methods)
@@ -225,22 +232,32 @@ class StagePolicy:
                 stage.configure(method=method)
                 reason = f"{method}: exact" + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
                 return PolicyDecision(name, method, self.step, 1.0, 1.0, reason)
+            # a reconstruction depends on the batch's statistics: it must also hold on each half of the batch
+            probes = [(images, targets, exact)]
+            if spec.gradient == "adjoint" and images.shape[0] >= 4:
+                probes += self._halves(model, images, targets, params)
+            cosine = model_cosine = 1.0
+            error = None
             try:
                 stage.configure(method=method)
                 keep = stage.keep_input
                 stage.keep_input = True
                 try:
-                    grads = gradients(model, images, targets, params)
+                    for probe_images, probe_targets, probe_exact in probes:
+                        grads = gradients(model, probe_images, probe_targets, params)
+                        if probe_images is images:
+                            report = stage.last_backward
+                            error = report.reconstruction_error if report is not None else None
+                        cosine = min(cosine, compare(grads, probe_exact, stage_params)[0])
+                        model_cosine = min(model_cosine, compare(grads, probe_exact, params)[0])
+                        if not min(cosine, model_cosine) >= required:
+                            break
                 finally:
                     stage.keep_input = keep
             except (ReconstructionError, AdjointError) as err:  # never an out-of-memory error: that must surface
                 tried.append(f"{method} failed ({type(err).__name__})")
                 continue
-            cosine, _ = compare(grads, exact, stage_params)
-            model_cosine, _ = compare(grads, exact, params)
             if math.isfinite(cosine) and min(cosine, model_cosine) >= required:
-                report = stage.last_backward
-                error = report.reconstruction_error if report is not None else None
                 if spec.gradient == "adjoint" and error is not None:
                     stage.max_reconstruction_error = max(ERROR_GROWTH * error, ERROR_FLOOR)
                 reason = (
@@ -251,6 +268,17 @@ class StagePolicy:
             tried.append(f"{method} {min(cosine, model_cosine):.4f}")
         stage.configure(method="block")
         return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached {required:.4g} ({', '.join(tried)})")
+
+    def _halves(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, params) -> list:  # noqa: ANN001
+        """The two halves of the calibration batch with their exact gradients (computed once per calibration)."""
+        if self._half_probes is None:
+            half = images.shape[0] // 2
+            probes = []
+            for part in (slice(0, half), slice(half, 2 * half)):
+                part_targets = None if targets is None else targets[part]
+                probes.append((images[part], part_targets, exact_gradients(model, self._exact_reference_stages, images[part], part_targets, params)))
+            self._half_probes = probes
+        return self._half_probes
 
     def _apply(self, name: str, method: str) -> None:
         stage = self.stages[name]

@@ -45,8 +45,8 @@ def test_auto_decides_on_the_first_batch_and_logs_why(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, logger=pl.loggers.CSVLogger(tmp_path))
     trainer.fit(model, datamodule=SyntheticDataModule(num_classes=4, image_size=16, train_samples=16, batch_size=4))
     decisions = json.loads((Path(trainer.log_dir) / "policy.json").read_text())
-    assert [d["stage"] for d in decisions] == ["layer1", "layer2", "layer3", "layer4"]
-    assert all(d["step"] == 0 and d["reason"] for d in decisions)
+    assert [d["stage"] for d in decisions if d["step"] == 0] == ["layer1", "layer2", "layer3", "layer4"]
+    assert all(d["reason"] for d in decisions)  # later rows: the recheck after one step, where a method changed
     rows = list(csv.DictReader(open(Path(trainer.log_dir) / "metrics.csv")))
     assert any(row.get("policy/grad_cosine/layer1") for row in rows)
     state = {}
