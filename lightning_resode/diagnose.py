@@ -21,10 +21,9 @@ from torch import nn
 
 from .adjoint import AdjointError, AdjointSequential, ReconstructionError
 from .convert import adjoint_stages, policy_of
-from .fidelity import side_effect_free, split_batch, stage_fidelity
+from .fidelity import _RUN_SEED, side_effect_free, split_batch, stage_fidelity
 from .measure import saved_activation_bytes
 
-_RUN_SEED = 4321
 
 
 @dataclass
