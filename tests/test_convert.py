@@ -68,10 +68,12 @@ def test_keys_roundtrip_and_plain_checkpoints(name: str, kwargs: dict, stage_nam
 @pytest.mark.parametrize("name", ["resnet18", "resnetv2_18"])
 def test_same_function_same_batchnorm_exact_gradient(name: str) -> None:
     kwargs = NARROW if name == "resnet18" else {}
-    plain = _model(name, **kwargs)
+    # float64: recomputation may use other (equally accurate) kernels than the forward, so float32
+    # gradients agree only to float32 rounding; in float64 "exact" can be checked tightly
+    plain = _model(name, **kwargs).double()
     _perturb_residuals(plain)
     converted = to_adjoint(copy.deepcopy(plain), scheme="checkpoint")
-    x = torch.randn(4, 3, 32, 32)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     plain.eval(), converted.eval()
     torch.testing.assert_close(converted(x), plain(x), rtol=0, atol=0)
     plain.train(), converted.train()
@@ -81,7 +83,7 @@ def test_same_function_same_batchnorm_exact_gradient(name: str) -> None:
     out_conv.square().sum().backward()
     for (key, a), b in zip(plain.state_dict().items(), converted.state_dict().values()):
         assert torch.equal(a, b), f"buffer/param {key} differs after one training step"  # BN updated once
-    torch.testing.assert_close(_flat_grads(converted), _flat_grads(plain), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(_flat_grads(converted), _flat_grads(plain), rtol=1e-9, atol=1e-12)
 
 
 def test_default_scheme_is_memory_free_and_close_for_small_residuals() -> None:

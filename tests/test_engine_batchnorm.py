@@ -125,3 +125,32 @@ def test_channels_last_gradients_through_batchnorm_match_backprop():
 
     exact = gradient(gradient="backprop")
     assert float((gradient(scheme="euler", refine=30) - exact).norm() / exact.norm()) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last, affine",
+    [((6, 5, 7, 3), False, True), ((6, 5, 7, 3), True, True), ((6, 5, 7, 3), False, False), ((9, 4), False, True), ((4, 3, 11), False, True)],
+    ids=["nchw", "channels_last", "no-affine", "1d-flat", "1d-seq"],
+)
+def test_replayed_batchnorm_gradient_equals_training_mode_autograd(shape, channels_last, affine):
+    """The VJP's BatchNorm (forward statistics, gradient through them) is training-mode BatchNorm's, exactly."""
+    from lightning_resode.adjoint.replay import _batch_norm_with_substituted_stats
+
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    c = shape[1]
+    weight = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine else None
+    bias = torch.randn(c, dtype=torch.float64, requires_grad=True) if affine else None
+    dims = [0, *range(2, x.dim())]
+    mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    grad_out = torch.randn_like(x)
+    inputs = [x.clone().requires_grad_()] + ([weight, bias] if affine else [])
+    expected = torch.autograd.grad(
+        torch.nn.functional.batch_norm(inputs[0], None, None, weight, bias, True, 0.0, 1e-5), inputs, grad_out
+    )
+    inputs = [x.clone().requires_grad_()] + ([weight, bias] if affine else [])
+    got = torch.autograd.grad(_batch_norm_with_substituted_stats(inputs[0], mean, var, weight, bias, 1e-5), inputs, grad_out)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)

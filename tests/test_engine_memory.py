@@ -56,3 +56,29 @@ def test_the_kept_top_step_costs_half_a_state_in_bfloat16():
     plain = _saved_bytes(AdjointSequential(blocks, "euler_fast"), x)
     kept = _saved_bytes(AdjointSequential(blocks, "euler_fast", top_step_dtype=torch.bfloat16), x)
     assert kept - plain == x.numel() * 2
+
+
+@pytest.mark.parametrize("method, extra_states", [("block", 0.0), ("block_fp16", 0.5), ("euler", 0.5), ("euler_fast", 1.5)])
+def test_a_stage_backward_needs_one_blocks_working_set_and_the_state_it_rebuilds(method, extra_states):
+    """Peak of a 12-block stage's backward, over what was live when it started, in states S.
+
+    Bound: what one block's plain autograd training step needs (its graph and backward), plus the stage's
+    own extra state: none for stored exact inputs, the float32 copy of a float16 input (S/2 on top of
+    it), the reconstructed input (euler), and also the cache of the block above (euler_fast). Nothing may
+    hold the stage's incoming gradient or a running gradient besides the VJP's own (2 S more before).
+    """
+    from lightning_resode.measure import step_memory
+
+    torch.manual_seed(0)
+    blocks = conv_blocks(12, channels=16, scale=0.1)
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    weight = torch.randn_like(x)
+    state = x.numel() * x.element_size()
+    stage = AdjointSequential(blocks).configure(method=method)
+    (stage(x) * weight).sum().backward()  # warm-up: allocator and kernels settle
+    stage.zero_grad(set_to_none=True)
+    chained = step_memory(lambda: (stage(x) * weight).sum())
+    stage.zero_grad(set_to_none=True)
+    one_block = step_memory(lambda: (blocks[0](x) * weight).sum())
+    working_set = chained.peak_bytes - chained.backward_start_bytes
+    assert working_set <= one_block.peak_bytes + (extra_states + 0.1) * state, (working_set / state, one_block.peak_bytes / state)

@@ -1,4 +1,4 @@
-"""How one residual stage computes its gradient, as one autograd Function.
+"""How one residual stage computes its gradient, as a chain of autograd nodes.
 
 Forward: run the stage without building a graph and keep only what the stage's gradient method needs,
 plus the few bytes that make recomputation replay the forward (BatchNorm statistics, generator states):
@@ -15,14 +15,18 @@ plus the few bytes that make recomputation replay the forward (BatchNorm statist
   the input, never an error that grows with depth.
 - ``checkpoint``: the stage input; the whole stage is recomputed with autograd, then one VJP (exact).
 
-Parameters are inputs of the Function, so each receives its gradient exactly once per backward (DDP
-hooks fire once; tied parameters are summed here). Blocks in the exact head (the shape-changing first
-blocks of a timm stage) are recomputed from the stored stage input, which also gives the exact
-reconstruction error at the adjoint part's input for free.
+Nodes: the exact head (the shape-changing first blocks of a timm stage, recomputed from the stored stage
+input) is one node; each residual step is one node (``StageStepFunction``); below them an entry node
+(``StageEntryFunction``) owns the parameters and returns all their gradients once, after every step ran
+(DDP hooks fire once; an approximate gradient can still be replaced by the exact one). A whole-stage
+checkpoint is one node.
 
-The backward holds only what the next step needs: each state is dropped as soon as the step below has
-been reconstructed from it, reconstructions reuse the buffer of the output they replace where nothing
-else can see it, and the reconstruction error is measured in place before the head's VJP.
+The backward holds only what the next step needs. Autograd keeps the gradient it hands to a node alive
+until the node returns, so nodes of one stage pass their real gradients to each other on the run and give
+autograd a zero-size placeholder; each VJP starts from a root that owns the incoming gradient, so it is
+freed as soon as the VJP's first op used it. States are dropped as soon as the step below was rebuilt from
+them, reconstructions reuse the buffer of the output they replace where nothing else can see it, and the
+reconstruction error is measured in place.
 """
 
 from __future__ import annotations
@@ -87,6 +91,14 @@ class StageRun:
     #: for ``part="residual"``: the head's run (its random draws) and the stage input it started from
     head_run: "StageRun | None" = None
     head_input: torch.Tensor | None = None
+    #: chains (``StageEntryFunction``): whether the chain's input needs a gradient, what the forward collects
+    #: for ``keep``, and the state the backward's steps hand down (reconstruction, gradients, checks)
+    needs_input_grad: bool = True
+    pending: dict[str, Any] | None = None
+    chain: dict[str, Any] | None = None
+    report: BackwardReport | None = None
+    #: for ``part="head"``: the real gradient at the head's output, handed over by the residual chain
+    incoming: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ evaluation with replay
     def call(self, block: torch.nn.Module, x: torch.Tensor, key: Any, mode: str) -> torch.Tensor:
@@ -178,7 +190,7 @@ class StageRun:
     def release(self) -> None:
         """Drop the replay records and generator states once the backward is done with them."""
         self.replay.records, self.rng, self.held = {}, {}, None
-        self.head_run = self.head_input = None
+        self.head_run = self.head_input = self.pending = self.chain = self.report = self.incoming = None
 
 
 _KEPT_OBSERVERS: list[Any] = []
@@ -203,95 +215,284 @@ class observe_kept_tensors:  # noqa: N801 (used like saved_tensors_hooks)
 
 
 class AdjointStageFunction(torch.autograd.Function):
-    """Memory-free backward through one residual stage (see module docstring)."""
+    """One autograd node for a whole stage part: the exact head alone, or a whole-stage checkpoint."""
 
     @staticmethod
     def forward(ctx: Any, run: StageRun, x: torch.Tensor, *params: torch.nn.Parameter) -> torch.Tensor:
         stage = run.stage
         run.autocast = AutocastState.capture(x.device.type)
-        gradient = stage.gradient
-        exact = gradient == "checkpoint"
-        block = gradient == "block"
-        adjoint = gradient == "adjoint"
         ctx.input_dtype = x.dtype
-        x_in = x
+        ctx.run = run
         h = run.run_head(x, "forward")
         run.state_dtype = h.dtype
-        ctx.run = run
         if run.part == "head":
-            run.keep({"x_in": x_in})
+            run.keep({"x_in": x})
             return h
-        has_head = run.has_head or run.head_input is not None
-        keep_x0 = adjoint and not has_head and (stage.keep_input or stage.fallback)
-        anchors: dict[str, torch.Tensor] = {}
-        step_inputs: list[torch.Tensor] = []
-        scheme, record = stage.scheme_impl, run.evaluator("forward" if exact else "record")
-        steps = stage.num_steps
-        top_increment = None
-        for s in range(steps):
-            if block:
-                step_inputs.append(h if stage.block_dtype in (None, h.dtype) else h.to(stage.block_dtype))
-            out, _ = scheme.step(s, h, record)
+        evaluate = run.evaluator("forward")
+        for s in range(stage.num_steps):
+            out, _ = stage.scheme_impl.step(s, h, evaluate)
             stage.check_shape(s, h, out)
-            if adjoint and s == steps - 1 and stage.top_step_dtype is not None:
-                top_increment = (out - h).to(stage.top_step_dtype)
             h = out
-            if adjoint and stage.anchor_every and (s + 1) % stage.anchor_every == 0 and s + 1 < steps:
-                anchors[str(s + 1)] = h
-        keep_stage_input = exact or run.has_head or keep_x0
-        run.keep(
-            {
-                "x_in": x_in if keep_stage_input else None,
-                "head_input": run.head_input,
-                "x_out": h if adjoint else None,
-                "anchors": anchors,
-                "top_increment": top_increment,
-                "step_inputs": step_inputs,
-            }
-        )
-        ctx.keep_x0 = keep_x0
+        run.keep({"x_in": x})
         return h
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: StageRun = ctx.run
         stage = run.stage
-        if torch.is_grad_enabled():
-            raise DoubleBackwardError(
-                f"stage {stage.display_name}: double backward (create_graph=True) through an adjoint stage "
-                "is not supported; use scheme='backprop' for this stage to differentiate twice"
-            )
+        _refuse_double_backward(stage)
         held = run.take()
         needs_input_grad = ctx.needs_input_grad[1]
         run.block_forwards = 0
-        report = BackwardReport(
-            scheme=stage.scheme,
-            gradient=stage.gradient,
-            steps=stage.num_steps,
-            block_forwards=0,
-            anchor_count=len(held.get("anchors") or {}),
-        )
-        label = f"resode::{stage.display_name}::{stage.gradient}"
+        label = f"resode::{stage.display_name}::{'head' if run.part == 'head' else stage.gradient}"
         try:
             with record_function(label), batch_counters_preserved(stage.batchnorm_modules()), run.autocast.replayed():
                 if run.part == "head":
-                    grad_x, head_grads, _ = _head_vjp(run, held.pop("x_in"), grad_out, needs_input_grad, None)
+                    # the residual chain above hands its real gradient over on the run (grad_out is a placeholder)
+                    holder = [run.incoming if run.incoming is not None else grad_out]
+                    run.incoming = None
+                    del grad_out
+                    grad_x, head_grads = _head_vjp(run, held.pop("x_in"), holder, needs_input_grad)
                     param_grads = _ordered(run, dict((id(p), g) for p, g in head_grads if g is not None))
-                elif stage.gradient == "checkpoint":
-                    grad_x, param_grads = _exact_backward(run, held.pop("x_in"), grad_out, needs_input_grad)
-                elif stage.gradient == "block":
-                    grad_x, param_grads = _block_backward(run, held, grad_out, needs_input_grad)
                 else:
-                    grad_x, param_grads = _adjoint_backward(run, held, grad_out, needs_input_grad, ctx.keep_x0, report)
+                    grad_x, param_grads = _exact_backward(run, held.pop("x_in"), grad_out, needs_input_grad)
         finally:
             run.release()
             del held
         if grad_x is not None:
             grad_x = grad_x.to(ctx.input_dtype)
-        report.block_forwards = run.block_forwards
-        if run.part != "head":
-            stage.last_backward = report
+        if run.part != "head" or stage.num_steps == 0:
+            # a stage that is all head reconstructs nothing: its reconstruction error is exactly zero
+            stage.last_backward = BackwardReport(
+                scheme=stage.scheme, gradient=stage.gradient, steps=stage.num_steps, block_forwards=run.block_forwards,
+                reconstruction_error=0.0 if run.part == "head" and stage.gradient == "adjoint" else None,
+            )
         return (None, grad_x, *param_grads)
+
+
+class StageEntryFunction(torch.autograd.Function):
+    """The bottom of a stage's chain of step nodes: it owns the parameters and returns their gradients.
+
+    A reconstructing or stored-input stage is one node per residual step, so that while step s runs its
+    VJP autograd holds only the gradient at x_{s+1} (a Function cannot free the gradient it was given, so
+    one node for the whole stage kept the stage's incoming gradient alive through every step). Parameter
+    gradients still reach autograd once per backward, from this node, after every step has run: DDP hooks
+    fire once, and an approximate gradient can still be replaced by the exact one (``fallback``).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: StageRun, x: torch.Tensor, *params: torch.nn.Parameter) -> torch.Tensor:
+        stage = run.stage
+        run.autocast = AutocastState.capture(x.device.type)
+        run.state_dtype = x.dtype
+        run.needs_input_grad = bool(ctx.needs_input_grad[1])
+        ctx.run, ctx.input_dtype = run, x.dtype
+        keep_x0 = stage.gradient == "adjoint" and run.head_input is None and (stage.keep_input or stage.fallback)
+        run.pending = {
+            "x_in": x if keep_x0 else None,
+            "head_input": run.head_input,
+            "x_out": None,
+            "anchors": {},
+            "top_increment": None,
+            "step_inputs": [],
+        }
+        ctx.set_materialize_grads(False)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        run: StageRun = ctx.run
+        stage = run.stage
+        _refuse_double_backward(stage)
+        del grad  # a placeholder: step 0 handed the real gradient over on the run
+        head_run = run.head_run
+        try:
+            with record_function(f"resode::{stage.display_name}::{stage.gradient}"), run.autocast.replayed():
+                real = run.chain.pop("grad", None)
+                if stage.gradient == "block":
+                    grad_x, param_grads = _finish_block(run, real)
+                else:
+                    grad_x, param_grads = _finish_adjoint(run, real)
+                del real
+        finally:
+            report = run.report
+            run.release()
+        if report is not None:
+            report.block_forwards = run.block_forwards
+            stage.last_backward = report
+        if grad_x is None:
+            return (None, None, *param_grads)
+        grad_x = grad_x.to(ctx.input_dtype)
+        if head_run is not None:  # the stage's own head node is next: hand the gradient over
+            head_run.incoming = grad_x
+            return (None, _placeholder_like(grad_x), *param_grads)
+        return (None, grad_x, *param_grads)
+
+
+class StageStepFunction(torch.autograd.Function):
+    """One residual step x_{s+1} = Phi_s(x_s) of a chain (see ``StageEntryFunction``)."""
+
+    @staticmethod
+    def forward(ctx: Any, run: StageRun, s: int, h: torch.Tensor) -> torch.Tensor:
+        stage = run.stage
+        pending = run.pending
+        adjoint = stage.gradient == "adjoint"
+        steps = stage.num_steps
+        if stage.gradient == "block":
+            pending["step_inputs"].append(h if stage.block_dtype in (None, h.dtype) else h.to(stage.block_dtype))
+        out, _ = stage.scheme_impl.step(s, h, run.evaluator("record"))
+        stage.check_shape(s, h, out)
+        if adjoint and s == steps - 1 and stage.top_step_dtype is not None:
+            pending["top_increment"] = (out - h).to(stage.top_step_dtype)
+        if adjoint and stage.anchor_every and (s + 1) % stage.anchor_every == 0 and s + 1 < steps:
+            pending["anchors"][str(s + 1)] = out
+        if s == steps - 1:
+            if adjoint:
+                pending["x_out"] = out
+            run.keep(pending)
+            run.pending = None
+        ctx.run, ctx.step = run, s
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        run: StageRun = ctx.run
+        stage, s = run.stage, ctx.step
+        _refuse_double_backward(stage)
+        if s == stage.num_steps - 1:
+            _begin_chain(run, grad)
+        blocks = [stage.residual_block(n) for n in stage.scheme_impl.blocks_of_step(s)]
+        batchnorms = [m for b in blocks for m in b.modules() if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+        # the top step's gradient comes from outside the stage (autograd holds it anyway); the others were
+        # handed down on the run by the step above, and ``grad`` is a placeholder
+        holder = [grad if s == stage.num_steps - 1 else run.chain.pop("grad")]
+        del grad
+        with record_function(f"resode::{stage.display_name}::{stage.gradient}"), batch_counters_preserved(batchnorms), run.autocast.replayed():
+            if stage.gradient == "block":
+                grad_x = _block_step(run, s, holder)
+            else:
+                grad_x = _adjoint_step(run, s, holder)
+        if grad_x is None:
+            return None, None, None
+        run.chain["grad"] = grad_x
+        return None, None, _placeholder_like(grad_x)
+
+
+def _refuse_double_backward(stage: "AdjointSequential") -> None:
+    if torch.is_grad_enabled():
+        raise DoubleBackwardError(
+            f"stage {stage.display_name}: double backward (create_graph=True) through an adjoint stage "
+            "is not supported; use scheme='backprop' for this stage to differentiate twice"
+        )
+
+
+def _begin_chain(run: StageRun, grad_out: torch.Tensor) -> None:
+    """At the top step: take what the forward kept and set up the state the steps hand down."""
+    stage = run.stage
+    held = run.take()
+    run.block_forwards = 0
+    run.report = BackwardReport(
+        scheme=stage.scheme,
+        gradient=stage.gradient,
+        steps=stage.num_steps,
+        block_forwards=0,
+        anchor_count=len(held.get("anchors") or {}),
+    )
+    chain: dict[str, Any] = {"held": held, "param_grads": {}, "finite_flags": [], "cache": None}
+    if stage.gradient == "adjoint":
+        x_out = held.pop("x_out")
+        chain["work_dtype"] = _work_dtype(x_out.dtype)
+        chain["x_next"] = x_out.to(chain["work_dtype"])
+        # kept to explain a non-finite reconstruction: the output's finiteness, not the tensor
+        chain["output_finite"] = torch.isfinite(x_out.sum()) if stage.check_finite else None
+        del x_out
+        # the exact fallback restarts from the stage's incoming gradient: kept only where it can happen
+        chain["grad_out"] = grad_out if stage.fallback else None
+        chain["grad_out_finite"] = torch.isfinite(grad_out.sum()) if stage.check_finite else None
+    run.chain = chain
+
+
+def _wants_input_grad(run: StageRun, s: int) -> bool:
+    return s > 0 or run.needs_input_grad
+
+
+def _block_step(run: StageRun, s: int, holder: list[torch.Tensor]) -> torch.Tensor | None:
+    """VJP of step s from its stored (possibly compressed) input, which is dropped here."""
+    stage, chain = run.stage, run.chain
+    x_s = chain["held"]["step_inputs"].pop()
+    if stage.check_finite and x_s.dtype != run.state_dtype:
+        chain["finite_flags"].append(torch.isfinite(torch.sum(x_s, dtype=torch.float32)))
+    x_s = x_s.to(run.state_dtype)  # the only reference to the compressed copy goes here
+    grad_x, step_grads, _ = _step_vjp(run, s, x_s, holder, _wants_input_grad(run, s), want_cache=False)
+    del x_s
+    _accumulate(chain["param_grads"], [p for p, _ in step_grads], [g for _, g in step_grads])
+    return grad_x
+
+
+def _adjoint_step(run: StageRun, s: int, holder: list[torch.Tensor]) -> torch.Tensor | None:
+    """Reconstruct x_s from x_{s+1} (dropped here), then the VJP of step s at it."""
+    stage, chain = run.stage, run.chain
+    with torch.no_grad():
+        x_s = _reconstruct(run, s, chain.pop("x_next"), chain.pop("cache"), chain["held"], chain["work_dtype"])
+    want_x = _wants_input_grad(run, s)
+    grad_x, step_grads, cache = _step_vjp(run, s, x_s, holder, want_x, want_cache=s > 0 and stage.scheme_impl.uses_cache)
+    if stage.check_finite:
+        # A sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each.
+        # Parameter gradients are products of these two and finite weights, so checking them adds nothing.
+        chain["finite_flags"].append(torch.isfinite(x_s.sum() + grad_x.sum() if want_x else x_s.sum()))
+    _accumulate(chain["param_grads"], [p for p, _ in step_grads], [g for _, g in step_grads])
+    chain["x_next"], chain["cache"] = x_s, cache
+    return grad_x
+
+
+def _finish_block(run: StageRun, grad: torch.Tensor | None):
+    stage, chain = run.stage, run.chain
+    flags = chain["finite_flags"]
+    if flags and not bool(torch.stack(flags).all()):
+        raise ReconstructionError(
+            f"stage {stage.display_name}: a block input stored in {stage.block_dtype} is not finite (it overflows "
+            "that type); no gradient was returned, so the weights are untouched. Use scheme='block_bf16' (the "
+            "range of float32) or scheme='block' for this stage"
+        )
+    return (grad if run.needs_input_grad else None), _ordered(run, chain["param_grads"])
+
+
+def _finish_adjoint(run: StageRun, grad: torch.Tensor | None):
+    """Check the reconstruction at the chain's input; fall back to the exact gradient or raise if it failed."""
+    stage, chain = run.stage, run.chain
+    report: BackwardReport = run.report
+    held = chain["held"]
+    steps = stage.num_steps
+    x_hat = chain.pop("x_next")
+    chain.pop("cache", None)
+    flags = chain["finite_flags"]
+    bad_step = None
+    if flags:
+        ok = torch.stack(flags)
+        if not bool(ok.all()):
+            bad_step = steps - 1 - int((~ok).nonzero()[0])
+    x_in = held.get("x_in")
+    head_input = held.get("head_input")
+    if head_input is not None:
+        # the head is its own node: recompute its exact output (no graph) to measure and to fall back from
+        with torch.no_grad(), batch_counters_preserved(stage.batchnorm_modules()):
+            x_in = run.run_head(head_input, "exact")
+        del head_input
+    if bad_step is not None:
+        if stage.fallback and x_in is not None:
+            del x_hat, grad
+            return _fall_back(run, x_in, report, f"non-finite reconstruction of block {stage.exact_head + bad_step}")
+        raise ReconstructionError(_non_finite_message(stage, bad_step, chain["grad_out_finite"], chain["output_finite"]))
+    if x_in is not None:
+        report.reconstruction_error = _relative_error_in_place(x_hat, x_in)
+        del x_hat
+        if stage.fallback and not report.reconstruction_error <= stage.max_reconstruction_error:
+            del grad
+            return _fall_back(
+                run, x_in, report,
+                f"reconstruction error {report.reconstruction_error:.3g} > {stage.max_reconstruction_error:.3g}",
+            )
+    return (grad if run.needs_input_grad else None), _ordered(run, chain["param_grads"])
 
 
 # ---------------------------------------------------------------------------------------------- shared steps
@@ -310,8 +511,43 @@ def _ordered(run: StageRun, param_grads: dict[int, torch.Tensor]) -> list[torch.
     return [param_grads.get(id(p)) for p in run.params]
 
 
-def _step_vjp(run: StageRun, s: int, x_s: torch.Tensor, grad: torch.Tensor, want_x: bool):
-    """VJP of step s at x_s (BatchNorm with the forward's statistics): (grad wrt x_s or None, param grads, cache)."""
+class _GradientFromHolder(torch.autograd.Function):
+    """A scalar root for a VJP whose backward takes the real output gradient out of a list.
+
+    ``torch.autograd.grad(out, inputs, grad)`` keeps ``out`` and ``grad`` alive until it returns (the call
+    holds them), although autograd needs ``grad`` only for the first op of the VJP and ``out`` only as what
+    that op saved. Starting from this root instead, the list holds the only reference to the gradient and
+    the caller drops ``out``: both are freed as soon as the VJP's first op has used them.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, holder: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+        ctx.holder = holder
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, _unit: torch.Tensor) -> tuple[None, torch.Tensor]:
+        return None, ctx.holder.pop()
+
+
+def _placeholder_like(t: torch.Tensor) -> torch.Tensor:
+    """A zero gradient of t's shape that allocates nothing (autograd only checks shape, dtype and device).
+
+    Nodes of one stage hand their real gradients to each other on the run (``chain["grad"]``) and give
+    autograd this instead, so autograd holds no state-sized gradient while the next node runs.
+    """
+    return torch.zeros((), dtype=t.dtype, device=t.device).expand(t.shape)
+
+
+def _vjp(root: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor | None, ...]:
+    return torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ()
+
+
+def _step_vjp(run: StageRun, s: int, x_s: torch.Tensor, holder: list[torch.Tensor], want_x: bool, want_cache: bool):
+    """VJP of step s at x_s (BatchNorm with the forward's statistics) of the gradient in ``holder``.
+
+    Returns (grad wrt x_s or None, param grads, the scheme's cache or None).
+    """
     stage = run.stage
     step_params = stage.params_of_step(s, run.params)
     with torch.enable_grad(), record_function(f"resode::step{s}"):
@@ -320,10 +556,12 @@ def _step_vjp(run: StageRun, s: int, x_s: torch.Tensor, grad: torch.Tensor, want
             x_leaf = x_leaf.to(run.state_dtype)
         x_leaf.requires_grad_(want_x)
         out, cache = stage.scheme_impl.step(s, x_leaf, run.evaluator("substitute"))
-        inputs = ([x_leaf] if want_x else []) + step_params
-        grads = torch.autograd.grad(out, inputs, grad, allow_unused=True) if inputs else ()
+        cache = (cache.detach() if isinstance(cache, torch.Tensor) else cache) if want_cache else None
+        root = _GradientFromHolder.apply(holder, out)
         del out
-    cache = cache.detach() if isinstance(cache, torch.Tensor) else cache
+        inputs = ([x_leaf] if want_x else []) + step_params
+        grads = _vjp(root, inputs)
+        del root
     grad_x = None
     if want_x:
         grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
@@ -331,28 +569,22 @@ def _step_vjp(run: StageRun, s: int, x_s: torch.Tensor, grad: torch.Tensor, want
     return grad_x, list(zip(step_params, grads)), cache
 
 
-def _head_vjp(run: StageRun, x_in: torch.Tensor, grad: torch.Tensor, needs_input_grad: bool, handover: list[torch.Tensor] | None):
-    """Recompute the exact head from the stored stage input and back-propagate through it.
+def _head_vjp(run: StageRun, x_in: torch.Tensor, holder: list[torch.Tensor], needs_input_grad: bool):
+    """Recompute the exact head from the stored stage input and back-propagate the gradient in ``holder``.
 
-    Returns (grad wrt the stage input, param grads, reconstruction error at the head's output or None).
-    ``handover`` holds the only reference to the reconstructed head output x̂_0: the error is measured in
-    place on it and it is dropped before the head's backward, so it does not add to that peak.
+    Returns (grad wrt the stage input, param grads).
     """
-    x0_hat = handover.pop() if handover else None
-    stage = run.stage
-    head_params = stage.params_of_head(run.params)
+    head_params = run.stage.params_of_head(run.params)
     with torch.enable_grad(), record_function("resode::head"):
         x = x_in.detach().requires_grad_(needs_input_grad)
-        x0 = run.run_head(x, "exact")
-        error = None if x0_hat is None else _relative_error_in_place(x0_hat, x0.detach())
-        del x0_hat
+        root = _GradientFromHolder.apply(holder, run.run_head(x, "exact"))
         inputs = ([x] if needs_input_grad else []) + head_params
-        grads = torch.autograd.grad(x0, inputs, grad, allow_unused=True) if inputs else ()
-        del x0
+        grads = _vjp(root, inputs)
+        del root
     grad_x = None
     if needs_input_grad:
         grad_x, grads = grads[0], grads[1:]
-    return grad_x, list(zip(head_params, grads)), error
+    return grad_x, list(zip(head_params, grads))
 
 
 def _exact_backward(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_input_grad: bool, mode: str = "exact"):
@@ -376,37 +608,6 @@ def _exact_backward(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, n
     return grad_x, list(grads[1:] if needs_input_grad else grads)
 
 
-def _block_backward(run: StageRun, held: dict, grad_out: torch.Tensor, needs_input_grad: bool):
-    """Per-step checkpoints: each step's VJP starts from its stored (possibly compressed) input, dropped after."""
-    stage = run.stage
-    step_inputs: list[torch.Tensor] = held.pop("step_inputs")
-    param_grads: dict[int, torch.Tensor] = {}
-    grad = grad_out
-    need_grad_below = needs_input_grad or run.has_head
-    finite_flags: list[torch.Tensor] = []
-    for s in reversed(range(stage.num_steps)):
-        want_x = s > 0 or need_grad_below
-        x_s = step_inputs.pop()
-        if stage.check_finite and x_s.dtype != run.state_dtype:
-            finite_flags.append(torch.isfinite(torch.sum(x_s, dtype=torch.float32)))
-        x_s = x_s.to(run.state_dtype)  # the only reference to the compressed copy goes here
-        grad, step_grads, _ = _step_vjp(run, s, x_s, grad, want_x)
-        del x_s
-        _accumulate(param_grads, [p for p, _ in step_grads], [g for _, g in step_grads])
-    if finite_flags and not bool(torch.stack(finite_flags).all()):
-        raise ReconstructionError(
-            f"stage {stage.display_name}: a block input stored in {stage.block_dtype} is not finite (it overflows "
-            "that type); no gradient was returned, so the weights are untouched. Use scheme='block_bf16' (the "
-            "range of float32) or scheme='block' for this stage"
-        )
-    grad_x = grad if needs_input_grad else None
-    if run.has_head:
-        grad_x, head_grads, _ = _head_vjp(run, held.pop("x_in"), grad, needs_input_grad, None)
-        del grad
-        _accumulate(param_grads, [p for p, _ in head_grads], [g for _, g in head_grads])
-    return grad_x, _ordered(run, param_grads)
-
-
 def _reconstruct(run: StageRun, s: int, x_next: torch.Tensor, cache: Any, held: dict, work_dtype: torch.dtype) -> torch.Tensor:
     """x̂_s from x̂_{s+1}: an anchor, the kept top increment, or the scheme's reverse step (refined)."""
     stage = run.stage
@@ -423,82 +624,19 @@ def _reconstruct(run: StageRun, s: int, x_next: torch.Tensor, cache: Any, held: 
     return x_s
 
 
-def _adjoint_backward(run: StageRun, held: dict, grad_out: torch.Tensor, needs_input_grad: bool, keep_x0: bool, report: BackwardReport):
-    stage = run.stage
-    param_grads: dict[int, torch.Tensor] = {}
-    x_out = held.pop("x_out")
-    work_dtype = _work_dtype(x_out.dtype)
-    x_next = x_out.to(work_dtype)
-    # the output is still needed to explain a non-finite reconstruction; keep its finiteness, not the tensor
-    output_finite = torch.isfinite(x_out.sum()) if stage.check_finite else None
-    del x_out
-    grad = grad_out
-    cache = None
-    finite_flags: list[torch.Tensor] = []
-    steps = stage.num_steps
-    need_grad_below = needs_input_grad or run.has_head
-    for s in reversed(range(steps)):
-        with torch.no_grad():
-            x_s = _reconstruct(run, s, x_next, cache, held, work_dtype)
-        del x_next, cache  # the step above's state and output are no longer needed
-        want_x = s > 0 or need_grad_below
-        grad, step_grads, cache = _step_vjp(run, s, x_s, grad, want_x)
-        if stage.check_finite:
-            # A sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each.
-            # Parameter gradients are products of these two and finite weights, so checking them adds nothing.
-            finite_flags.append(torch.isfinite(x_s.sum() + grad.sum() if want_x else x_s.sum()))
-        _accumulate(param_grads, [p for p, _ in step_grads], [g for _, g in step_grads])
-        x_next = x_s
-        del x_s
-    del cache
-    bad_step = None
-    if finite_flags:
-        flags = torch.stack(finite_flags)
-        if not bool(flags.all()):
-            bad_step = steps - 1 - int((~flags).nonzero()[0])
-    x_in = held.get("x_in")
-    head_input = held.get("head_input")
-    if head_input is not None:
-        # the head is its own node: recompute its exact output (no graph) to measure and to fall back from
-        with torch.no_grad():
-            x_in = run.run_head(head_input, "exact")
-        del head_input
-    if bad_step is not None:
-        if stage.fallback and x_in is not None:
-            del x_next, grad
-            return _fall_back(run, x_in, grad_out, needs_input_grad, report, f"non-finite reconstruction of block {stage.exact_head + bad_step}")
-        raise ReconstructionError(_non_finite_message(stage, bad_step, grad_out, output_finite))
-    grad_x = grad if needs_input_grad else None
-    if x_in is not None:
-        # hand the reconstruction over: the error is measured in place, so it does not outlive the measurement
-        if run.has_head:
-            handover = [x_next]
-            del x_next
-            grad_x, head_grads, report.reconstruction_error = _head_vjp(run, x_in, grad, needs_input_grad, handover)
-        else:
-            report.reconstruction_error = _relative_error_in_place(x_next, x_in)
-            head_grads = []
-            del x_next
-        if stage.fallback and not report.reconstruction_error <= stage.max_reconstruction_error:
-            del grad, grad_x, head_grads
-            return _fall_back(
-                run, x_in, grad_out, needs_input_grad, report,
-                f"reconstruction error {report.reconstruction_error:.3g} > {stage.max_reconstruction_error:.3g}",
-            )
-        _accumulate(param_grads, [p for p, _ in head_grads], [g for _, g in head_grads])
-    return grad_x, _ordered(run, param_grads)
-
-
-def _fall_back(run: StageRun, x_in: torch.Tensor, grad_out: torch.Tensor, needs_input_grad: bool, report: BackwardReport, reason: str):
-    """Replace this backward's approximate gradient by the exact one, recomputed from the stored stage input."""
+def _fall_back(run: StageRun, x_in: torch.Tensor, report: BackwardReport, reason: str):
+    """Replace this backward's approximate gradient by the exact one, recomputed from the chain's exact input."""
     report.fell_back, report.fallback_reason = True, reason
     run.stage.note_fallback(reason)
-    return _exact_backward(run, x_in, grad_out, needs_input_grad, mode="substitute")
+    grad_out = run.chain.pop("grad_out")
+    run.chain["param_grads"] = {}
+    with batch_counters_preserved(run.stage.batchnorm_modules()):
+        return _exact_backward(run, x_in, grad_out, run.needs_input_grad, mode="substitute")
 
 
-def _non_finite_message(stage: "AdjointSequential", bad_step: int, grad_out: torch.Tensor, output_finite: torch.Tensor | None) -> str:
+def _non_finite_message(stage: "AdjointSequential", bad_step: int, grad_out_finite: torch.Tensor | None, output_finite: torch.Tensor | None) -> str:
     """Say whether the stage's reconstruction failed, or the training had already diverged before it."""
-    if not bool(torch.isfinite(grad_out).all()):
+    if grad_out_finite is not None and not bool(grad_out_finite):
         return (
             f"stage {stage.display_name}: the gradient arriving from the layers above is not finite, so the loss "
             "or the layers above have diverged (lower the learning rate, check the data for NaN/inf, or use "

@@ -102,6 +102,12 @@ class BatchNormReplay(TorchFunctionMode):
             self.records[self._key].append((mean, var))
             return out
         if self._mode == "exact":
+            if _lean_backward_applies(x):
+                # the same function as F.batch_norm(training=True) without running statistics, whose CPU
+                # backward would allocate a temporary the size of x on top of the recomputation's peak
+                with torch.no_grad():
+                    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+                return _batch_norm_with_substituted_stats(x, mean, var, a["weight"], a["bias"], a["eps"])
             return func(x, None, None, a["weight"], a["bias"], True, a["momentum"], a["eps"])
         mean_fwd, var_fwd = self._next_record()
         if self._mode == "frozen":
@@ -157,11 +163,45 @@ class _ReplayedBatchNorm(torch.autograd.Function):
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, mean_fwd, invstd_fwd = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+        if _lean_backward_applies(x) and grad_out.is_contiguous() and mask[0]:
+            grad_x, grad_w, grad_b = _lean_batch_norm_backward(grad_out, x, weight, mean_fwd, invstd_fwd)
+            return grad_x, grad_w if mask[1] else None, grad_b if mask[2] else None, None, None, None, None
         grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(memory_format=_memory_format(x)), x, weight, None, None, mean_fwd, invstd_fwd, True,
-            ctx.eps, mask,
+            grad_out, x, weight, None, None, mean_fwd, invstd_fwd, True, ctx.eps, mask
         )
         return grad_x, grad_w, grad_b, None, None, None, None
+
+
+def _lean_backward_applies(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and x.dim() >= 2
+
+
+def _lean_batch_norm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm backward that allocates one tensor of the input's size (the gradient).
+
+    The CPU kernel allocates a second, temporary one; inside a block's VJP that temporary sits on top of
+    the step's peak. Here the per-channel sums come from reductions that allocate nothing of that size:
+
+        grad_x = w·invstd · (g - Σg/M - x̂ · Σ(g·x̂)/M),   x̂ = (x - mean)·invstd
+    """
+    n, c = x.shape[0], x.shape[1]
+    count = x.numel() / c
+    dims = [0, *range(2, x.dim())]
+    grad_bias = grad_out.sum(dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    # Σ g·x per channel as N·C dot products (a batched matmul reads both tensors in place)
+    sum_gx = torch.matmul(grad_out.reshape(n, c, 1, -1), x.reshape(n, c, -1, 1)).sum(0).reshape(c)
+    dot = sum_gx.to(grad_bias.dtype) - mean.to(grad_bias.dtype) * grad_bias  # Σ g·(x - mean)
+    scale = invstd.to(grad_bias.dtype) if weight is None else weight.to(grad_bias.dtype) * invstd
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    slope = scale * invstd * invstd * dot / count
+    offset = slope * mean - scale * grad_bias / count
+    grad_x = grad_out * scale.to(x.dtype).reshape(shape)
+    grad_x.addcmul_(x, (-slope).to(x.dtype).reshape(shape)).add_(offset.to(x.dtype).reshape(shape))
+    grad_weight = (dot * invstd).to(x.dtype)
+    return grad_x, grad_weight, grad_bias.to(x.dtype)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

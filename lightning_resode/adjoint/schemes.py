@@ -33,6 +33,8 @@ class Scheme:
     name: str = ""
     #: block forwards one ``step`` costs (used for cost accounting and documentation)
     evaluations_per_step: int = 1
+    #: whether ``reverse`` reads the cache of the step above (else the backward does not keep it)
+    uses_cache: bool = True
 
     def num_steps(self, num_blocks: int) -> int:
         return num_blocks
@@ -55,6 +57,7 @@ class Euler(Scheme):
     """
 
     name = "euler"
+    uses_cache = False
 
     def step(self, s: int, x: torch.Tensor, evaluate: Evaluate) -> tuple[torch.Tensor, Any]:
         out = evaluate(s, x, (s, 0))
@@ -73,6 +76,7 @@ class EulerFast(Euler):
     """
 
     name = "euler_fast"
+    uses_cache = True
 
     def reverse(self, s: int, x_next: torch.Tensor, cache: Any, evaluate: Evaluate) -> torch.Tensor:
         if cache is None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .errors import AdjointError, ShapeChangeError
-from .function import AdjointStageFunction, BackwardReport, StageRun
+from .function import AdjointStageFunction, BackwardReport, StageEntryFunction, StageRun, StageStepFunction
 from .schemes import get_scheme
 
 Gradient = Literal["adjoint", "block", "checkpoint", "backprop"]
@@ -267,13 +267,23 @@ class AdjointSequential(nn.Module):
         if not params and not x.requires_grad:
             return self.plain_forward(x)
         self._reject_sync_batchnorm()
-        if self.exact_head > 0 and self.num_steps > 0 and self.gradient in ("adjoint", "block"):
-            # Two autograd nodes: the head's backward then holds only its own incoming gradient, not also the
-            # one that arrived at the stage output (autograd keeps a node's incoming gradient until it returns).
-            head_params = self.params_of_head(params)
-            residual_params = self._params_in(self._blocks[self.exact_head :], params)
+        if self.gradient == "checkpoint":
+            return AdjointStageFunction.apply(StageRun(self, params), x, *params)
+        # adjoint / block: the exact head (if any) is one autograd node, then one node per residual step
+        # (see StageEntryFunction: each node's backward holds only its own incoming gradient)
+        head_params = self.params_of_head(params)
+        head = None
+        if self.exact_head > 0:
             head = StageRun(self, head_params, part="head")
-            h = AdjointStageFunction.apply(head, x, *head_params)
-            residual = StageRun(self, residual_params, part="residual", head_run=head, head_input=x.detach())
-            return AdjointStageFunction.apply(residual, h, *residual_params)
-        return AdjointStageFunction.apply(StageRun(self, params), x, *params)
+            head_input = x.detach()
+            x = AdjointStageFunction.apply(head, x, *head_params)
+            if self.num_steps == 0:
+                return x
+        residual_params = self._params_in(self._blocks[self.exact_head :], params)
+        run = StageRun(
+            self, residual_params, part="residual" if head else "all", head_run=head, head_input=head_input if head else None
+        )
+        h = StageEntryFunction.apply(run, x, *residual_params)
+        for s in range(self.num_steps):
+            h = StageStepFunction.apply(run, s, h)
+        return h
