@@ -103,11 +103,9 @@ class BatchNormReplay(TorchFunctionMode):
             return out
         if self._mode == "exact":
             if _lean_backward_applies(x):
-                # the same function as F.batch_norm(training=True) without running statistics, whose CPU
-                # backward would allocate a temporary the size of x on top of the recomputation's peak
-                with torch.no_grad():
-                    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
-                return _batch_norm_with_substituted_stats(x, mean, var, a["weight"], a["bias"], a["eps"])
+                # F.batch_norm(training=True) without running statistics, whose CPU backward would allocate a
+                # temporary the size of x on top of the recomputation's peak
+                return _BatchStatisticsBatchNorm.apply(x, a["weight"], a["bias"], a["eps"])
             return func(x, None, None, a["weight"], a["bias"], True, a["momentum"], a["eps"])
         mean_fwd, var_fwd = self._next_record()
         if self._mode == "frozen":
@@ -173,6 +171,22 @@ class _ReplayedBatchNorm(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None
 
 
+class _BatchStatisticsBatchNorm(torch.autograd.Function):
+    """Training-mode BatchNorm on the batch's own statistics (running statistics untouched), lean backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):  # noqa: ANN001, ANN205
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        grads = _ReplayedBatchNorm.backward(ctx, grad_out)
+        return grads[0], grads[1], grads[2], None
+
+
 def _lean_backward_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and x.dim() >= 2
 
@@ -183,25 +197,26 @@ def _lean_batch_norm_backward(
     """Training-mode BatchNorm backward that allocates one tensor of the input's size (the gradient).
 
     The CPU kernel allocates a second, temporary one; inside a block's VJP that temporary sits on top of
-    the step's peak. Here the per-channel sums come from reductions that allocate nothing of that size:
+    the step's peak. Here the per-channel sums come from the eval-mode kernel (one fused pass, no
+    gradient tensor), and the gradient is two fused multiply-adds into one buffer:
 
         grad_x = w·invstd · (g - Σg/M - x̂ · Σ(g·x̂)/M),   x̂ = (x - mean)·invstd
+               = g·(w·invstd) + x·(-slope) + (slope·mean - w·invstd·Σg/M),   slope = w·invstd³·Σ(g·(x-mean))/M
     """
-    n, c = x.shape[0], x.shape[1]
+    c = x.shape[1]
     count = x.numel() / c
-    dims = [0, *range(2, x.dim())]
-    grad_bias = grad_out.sum(dims, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
-    # Σ g·x per channel as N·C dot products (a batched matmul reads both tensors in place)
-    sum_gx = torch.matmul(grad_out.reshape(n, c, 1, -1), x.reshape(n, c, -1, 1)).sum(0).reshape(c)
-    dot = sum_gx.to(grad_bias.dtype) - mean.to(grad_bias.dtype) * grad_bias  # Σ g·(x - mean)
-    scale = invstd.to(grad_bias.dtype) if weight is None else weight.to(grad_bias.dtype) * invstd
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    slope = scale * invstd * invstd * dot / count
+    var = invstd.pow(-2)  # the eval kernel takes a variance; eps=0 gives back exactly this invstd
+    ones = torch.ones_like(mean) if weight is None else weight
+    _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, ones, mean, var, None, None, False, 0.0, [False, True, True]
+    )  # grad_weight = Σ g·(x - mean)·invstd, grad_bias = Σ g
+    scale = invstd if weight is None else weight * invstd
+    slope = scale * invstd * grad_weight / count
     offset = slope * mean - scale * grad_bias / count
-    grad_x = grad_out * scale.to(x.dtype).reshape(shape)
-    grad_x.addcmul_(x, (-slope).to(x.dtype).reshape(shape)).add_(offset.to(x.dtype).reshape(shape))
-    grad_weight = (dot * invstd).to(x.dtype)
-    return grad_x, grad_weight, grad_bias.to(x.dtype)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    grad_x = torch.addcmul(offset.reshape(shape), x, slope.neg().reshape(shape))
+    grad_x.addcmul_(grad_out, scale.reshape(shape))
+    return grad_x, grad_weight, grad_bias
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
