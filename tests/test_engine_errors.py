@@ -11,7 +11,7 @@ from lightning_resode import (
     ReconstructionError,
     ShapeChangeError,
 )
-from stacks import smooth_blocks
+from stacks import conv_blocks, smooth_blocks
 
 
 def test_a_block_that_changes_the_shape_is_named():
@@ -107,3 +107,24 @@ def test_a_block_replaced_after_construction_is_the_one_that_runs():
     assert stage[1] is replacement
     stage(torch.randn(2, 8, dtype=torch.float64)).sum().backward()
     assert replacement.linear.weight.grad is not None
+
+
+@pytest.mark.parametrize("method", ["euler_fast", "block_fp16", "block", "checkpoint"])
+def test_a_kept_tensor_modified_in_place_is_refused_not_used(method):
+    """What a stage keeps is not an autograd saved tensor, so the engine checks its version itself."""
+    stage = AdjointSequential(conv_blocks(4, channels=4), exact_head=1).configure(method=method)
+    x = torch.randn(4, 4, 8, 8)
+    out = stage(x.clone().requires_grad_())
+    out.relu_()  # an in-place activation on the stage output: only the adjoint keeps the output
+    if method == "euler_fast":
+        with pytest.raises(AdjointError, match="stage output was modified in place"):
+            out.sum().backward()
+    else:
+        out.sum().backward()
+    x_in = x.clone().requires_grad_()
+    h = x_in * 1.0
+    out = stage(h)
+    with torch.no_grad():
+        h.add_(1.0)  # the stage input changed after the forward: every method keeps it (exact head)
+    with pytest.raises(AdjointError, match="stage input was modified in place"):
+        out.sum().backward()

@@ -167,8 +167,11 @@ class StageRun:
                 value = [v.detach() for v in value]
             held[name] = value
         self.held = held
+        kept = [t for v in held.values() for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]) if t is not None]
+        # autograd's saved tensors check that nobody modified them in place; these are not saved tensors,
+        # so the same check is made here (a detached tensor shares its original's version counter)
+        self.versions = [(name, [t._version for t in _tensors_of(v)]) for name, v in held.items()]
         if _KEPT_OBSERVERS:
-            kept = [t for v in held.values() for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]) if t is not None]
             kept += [t for recs in self.replay.records.values() for pair in recs for t in pair]
             kept += [t for snap in self.rng.values() for t in snap.tensors()]
             for observer in _KEPT_OBSERVERS:
@@ -185,15 +188,36 @@ class StageRun:
                 "use scheme='backprop' for this stage"
             )
         self.held = None
+        for name, versions in getattr(self, "versions", ()):
+            if [t._version for t in _tensors_of(held.get(name))] != versions:
+                what = "stage output" if name == "x_out" else "stage input" if name in ("x_in", "head_input") else f"kept {name}"
+                raise AdjointError(
+                    f"stage {self.stage.display_name}: the {what} was modified in place after the forward (e.g. an "
+                    "in-place activation such as ReLU(inplace=True) applied to the stage's output or input), so the "
+                    "backward cannot start from it. Make that operation out of place, or use scheme='backprop' for "
+                    "this stage"
+                )
+        self.versions = []
         return held
 
     def release(self) -> None:
         """Drop the replay records and generator states once the backward is done with them."""
         self.replay.records, self.rng, self.held = {}, {}, None
         self.head_run = self.head_input = self.pending = self.chain = self.report = self.incoming = None
+        self.versions = []
 
 
 _KEPT_OBSERVERS: list[Any] = []
+
+
+def _tensors_of(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return list(value.values())
+    if isinstance(value, list):
+        return list(value)
+    return []
 
 
 class observe_kept_tensors:  # noqa: N801 (used like saved_tensors_hooks)
