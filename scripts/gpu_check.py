@@ -8,7 +8,10 @@ For one model (resnet152 at 224², bf16 autocast, channels_last by default) and 
 
 it measures, at one shared batch size, the peak ``torch.cuda.max_memory_allocated`` of a training step and
 the images/s (interleaved rounds, median, as docs/design.md asks), then the largest batch each fits (doubling,
-then bisection, under a time cap). It writes ``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
+then bisection, under a time cap). First, for every gradient method of the library (each tier, the default,
+and the two references), the project's peak MiB per image (``lightning_resode.measure.peak_per_image``: the
+figure docs/BENCHMARKS.md reports from the CPU; float32, no autocast, so the two are comparable). It writes
+``gpu_check.json`` and ``gpu_check.md`` to ``--out``.
 
 Weights are timm's random initialisation (nothing is downloaded); cost and memory do not depend on them.
 ``--dry-run`` runs the same code on the CPU with a tiny model (resnet10t), 32×32 images, one step per
@@ -204,6 +207,41 @@ def _timed_rounds(trainers: dict[str, _Trainer], settings: Settings) -> dict[str
     return seconds
 
 
+#: per-tier peak per image: the library's methods, its default, and what users would use instead
+TIERS: tuple[str, ...] = ("euler_fast", "block_fp16", "block_bf16", "block", "checkpoint", "default", "backprop", "timm_checkpoint")
+
+
+def tier_peaks(settings: Settings) -> list[dict[str, object]]:
+    """Peak MiB per image of each tier (docs/design.md's measure), float32, each model alone on the device."""
+    from lightning_resode.convert import adjoint_stages, policy_of, to_adjoint
+    from lightning_resode.measure import peak_per_image
+
+    size, device = settings.image_size, settings.device
+    small, large = (2, 4) if device == "cpu" else (8, 16)
+    rows = []
+    for tier in TIERS:
+        model = timm.create_model(settings.model, pretrained=False, num_classes=1000, zero_init_last=False)
+        if tier == "timm_checkpoint":
+            model.set_grad_checkpointing(True)
+        elif tier == "default":
+            model = to_adjoint(model)
+        elif tier != "backprop":
+            model = to_adjoint(model, scheme=tier, check=False)
+        model = model.to(device).train()
+        images = lambda b: torch.randn(b, 3, size, size, device=device)  # noqa: E731
+        if tier == "default":  # calibrate on a warm-up step, then keep its decisions while measuring
+            model(images(small)).float().sum().backward()
+            model.zero_grad(set_to_none=True)
+            policy_of(model).external = True
+        result = peak_per_image(model, images, small=small, large=large)
+        methods = ",".join(stage.method for stage in adjoint_stages(model).values())
+        rows.append({"method": tier, **result.as_dict(), "stages": methods})
+        print(f"[gpu_check] {tier}: {result.mib_per_image:.1f} MiB/img peak, {result.rest_mib_per_image:.1f} at rest", flush=True)
+        del model
+        _free(device)
+    return rows
+
+
 def run(settings: Settings) -> list[MethodResult]:
     started = time.monotonic()
     trainers = {method: _Trainer(build_model(method, settings), settings) for method in METHODS}
@@ -281,6 +319,19 @@ def markdown_table(results: list[MethodResult], settings: Settings, device_name:
     return "\n".join(lines) + "\n"
 
 
+def tier_table(tiers: list[dict[str, object]], settings: Settings) -> str:
+    lines = [
+        f"Peak MiB per image of one training step, {settings.model} at {settings.image_size}², float32, "
+        "`zero_init_last=False` (docs/design.md's measure: max(kept at backward start / B, slope of the peak in B)):",
+        "",
+        "| method | peak MiB/img | at rest MiB/img | stages |",
+        "|---|---|---|---|",
+    ]
+    for row in tiers:
+        lines.append(f"| {row['method']} | {row['peak_mib_per_image']:.1f} | {row['rest_mib_per_image']:.1f} | {row['stages']} |")
+    return "\n".join(lines) + "\n"
+
+
 def _environment(settings: Settings) -> dict[str, str]:
     device = torch.device(settings.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
@@ -333,11 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     if settings.device == "cpu":
         torch.set_num_threads(1)  # a tiny model: one thread is fastest, and fights no one on a shared CPU
     environment = _environment(settings)
+    started = time.monotonic()
+    tiers = tier_peaks(settings)
+    settings.budget_seconds = max(0.0, settings.budget_seconds - (time.monotonic() - started))
     results = run(settings)
     out.mkdir(parents=True, exist_ok=True)
-    report = {"settings": asdict(settings), "environment": environment, "results": [asdict(r) for r in results]}
+    report = {"settings": asdict(settings), "environment": environment, "tiers": tiers, "results": [asdict(r) for r in results]}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_table(results, settings, environment["device_name"])
+    table = tier_table(tiers, settings) + "\n" + markdown_table(results, settings, environment["device_name"])
     (out / "gpu_check.md").write_text(table)
     print(table)
     return 0

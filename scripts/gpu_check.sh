@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one H100, under 8 minutes): resnet152 at 224², bf16 autocast, channels_last;
-# peak memory and images/s of plain backprop, timm checkpointing and our default adjoint at one batch
-# size, and the largest batch each fits. Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
+# The prepared GPU check (one H100/H200, under 8 minutes): resnet152 at 224². First the peak MiB per image
+# of every gradient method (each tier, the default, backprop, timm checkpointing; float32, the measure the
+# CPU figures in docs/BENCHMARKS.md use), then, under bf16 autocast and channels_last, peak memory and
+# images/s of plain backprop, timm checkpointing and our default at one batch size, and the largest batch
+# each fits. Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md.
 #
 #   scripts/gpu_check.sh [OUT_DIR] [more scripts/gpu_check.py arguments, e.g. --dry-run]
 #

@@ -267,6 +267,11 @@ def test_gpu_check_dry_run_writes_json_and_table(tmp_path: Path) -> None:
         assert (r["largest_batch"], r["largest_batch_capped"]) == (4, True)
     table = (tmp_path / "gpu_check.md").read_text()
     assert all(f"| {method} |" in table for method in results)
+    tiers = {row["method"]: row for row in report["tiers"]}
+    assert list(tiers) == list(gpu_check.TIERS)
+    assert all(row["peak_mib_per_image"] > 0 and f"| {name} |" in table for name, row in tiers.items())
+    assert tiers["block_fp16"]["stages"] == "block_fp16,block_fp16,block_fp16,block_fp16"
+    assert tiers["backprop"]["peak_mib_per_image"] > tiers["block"]["peak_mib_per_image"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would start the real 8-minute check")
