@@ -283,8 +283,10 @@ class StagePolicy:
     def _apply(self, name: str, method: str) -> None:
         stage = self.stages[name]
         stage.configure(method=method)
-        # a reconstruction is watched every step: an exact recomputation replaces a bad one
-        stage.fallback = get_method(method).gradient == "adjoint"
+        # a reconstruction is watched every step, a 16-bit block input checked for overflow: an exact
+        # recomputation replaces a bad gradient, and the stage is measured again
+        spec = get_method(method)
+        stage.fallback = spec.gradient == "adjoint" or (spec.gradient == "block" and spec.block_dtype is not None)
 
     def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> list[PolicyDecision]:
         params = unique_params(model)

@@ -73,9 +73,48 @@ def test_float16_overflow_is_named_with_the_method_that_fits() -> None:
     blocks = [b.float() for b in conv_blocks(4, channels=4)]
     stage = AdjointSequential(blocks, name="layer2").configure(method="block_fp16")
     x = torch.full((2, 4, 6, 6), 1e6, requires_grad=True)  # beyond float16's range (65504)
-    with pytest.raises(ReconstructionError, match=r"layer2: a block input stored in torch.float16 is not finite.*block_bf16"):
+    with pytest.raises(ReconstructionError, match=r"layer2: a block input does not fit torch.float16 \(overflow\).*block_bf16"):
         stage(x).sum().backward()
     assert all(p.grad is None for p in stage.parameters())
+
+
+def test_with_fallback_an_overflow_gives_the_exact_gradient_and_tells_the_policy() -> None:
+    """What the auto policy relies on: it must never raise; it gets the exact gradient and measures again."""
+    blocks = [b.double() for b in conv_blocks(4, channels=4, scale=0.5)]
+    x = torch.randn(2, 4, 6, 6, dtype=torch.float64) * 1e5  # beyond float16's range somewhere
+    exact_p, exact_x = _grads(AdjointSequential(copy.deepcopy(blocks), exact_head=1).configure(method="block"), x)
+    stage = AdjointSequential(copy.deepcopy(blocks), exact_head=1).configure(method="block_fp16")
+    stage.fallback = True
+    told: list[str] = []
+    stage.on_fallback = lambda s, reason: told.append(reason)
+    got_p, got_x = _grads(stage, x)
+    torch.testing.assert_close(got_p, exact_p, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got_x, exact_x, rtol=1e-9, atol=1e-9)
+    assert told == ["a block input does not fit torch.float16 (overflow)"] and stage.last_backward.fell_back
+
+
+@pytest.mark.parametrize("fallback", [False, True])
+def test_a_non_finite_input_is_named_as_divergence_not_as_overflow(fallback: bool) -> None:
+    stage = AdjointSequential([b.float() for b in conv_blocks(4, channels=4)], exact_head=1, name="layer3").configure(method="block_fp16")
+    stage.fallback = fallback
+    x = torch.randn(2, 4, 6, 6)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ReconstructionError, match=r"layer3: the stage's input .* is not finite, so the training had already diverged"):
+        stage(x.requires_grad_()).sum().backward()
+    assert all(p.grad is None for p in stage.parameters())
+
+
+def test_few_values_per_batchnorm_channel_keep_inputs_exact() -> None:
+    """Two images at 1×1: BatchNorm's batch variance can be tiny and would divide 16-bit rounding up to O(1)."""
+    torch.manual_seed(0)
+    blocks = [b.float() for b in conv_blocks(6, channels=8, scale=1.0)]
+    exact = AdjointSequential(copy.deepcopy(blocks)).configure(method="block")
+    compressed = AdjointSequential(copy.deepcopy(blocks)).configure(method="block_fp16")
+    tiny = torch.randn(2, 8, 1, 1)
+    assert saved_activation_bytes(compressed, lambda: compressed(tiny.requires_grad_())) == saved_activation_bytes(exact, lambda: exact(tiny))
+    torch.testing.assert_close(_grads(compressed, tiny)[0], _grads(exact, tiny)[0], rtol=0, atol=0)
+    large = torch.randn(16, 8, 4, 4)  # 256 values per channel: compressed
+    assert saved_activation_bytes(compressed, lambda: compressed(large)) < 0.6 * saved_activation_bytes(exact, lambda: exact(large))
 
 
 def test_method_names_round_trip_and_bad_names_say_what_is_valid() -> None:

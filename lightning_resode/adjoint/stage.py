@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import AdjointError, ShapeChangeError
 from .function import AdjointStageFunction, BackwardReport, StageEntryFunction, StageRun, StageStepFunction
-from .schemes import get_scheme
+from .schemes import SCHEMES, get_scheme
 
 Gradient = Literal["adjoint", "block", "checkpoint", "backprop"]
 GRADIENTS: tuple[str, ...] = ("adjoint", "block", "checkpoint", "backprop")
@@ -49,7 +49,8 @@ class AdjointSequential(nn.Module):
         keep_input: keep the stage input (without a head) to measure the reconstruction error exactly.
         check_finite: raise ``ReconstructionError`` on non-finite reconstructions (one sync per backward).
         fallback: instead of raising, replace an adjoint backward whose reconstruction is non-finite or whose
-            measured reconstruction error exceeds ``max_reconstruction_error`` by the exact gradient,
+            measured reconstruction error exceeds ``max_reconstruction_error``, or a 16-bit ``block`` backward
+            whose stored input overflowed that type, by the exact gradient,
             recomputed from the stored stage input (kept for that purpose), and call ``on_fallback(stage,
             reason)`` so a policy can move the stage to a safer method. The auto policy turns this on.
         max_reconstruction_error: the relative reconstruction error at the stage input above which
@@ -132,6 +133,13 @@ class AdjointSequential(nn.Module):
         top_step_dtype = self.__dict__.get("top_step_dtype") if top_step_dtype == "keep" else top_step_dtype
         exact_head = self.__dict__.get("exact_head") if exact_head is None else exact_head
         block_dtype = self.__dict__.get("block_dtype") if block_dtype == "keep" else block_dtype
+        from .methods import METHODS
+
+        if scheme not in SCHEMES and scheme in METHODS:
+            raise ValueError(
+                f"{scheme!r} is a gradient method, not a reconstruction scheme (valid schemes: {sorted(SCHEMES)}); "
+                f"use AdjointSequential(blocks).configure(method={scheme!r}), or to_adjoint(model, scheme={scheme!r})"
+            )
         scheme_impl = get_scheme(scheme)
         if block_dtype is not None and not (isinstance(block_dtype, torch.dtype) and block_dtype.is_floating_point):
             raise ValueError(f"block_dtype must be a floating torch.dtype or None, got {block_dtype!r}")
