@@ -15,16 +15,18 @@ naming the bad key or value) before anything trains. Besides ``trainer``/``model
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import pickle
+import re
 import sys
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from jsonargparse import Namespace
+from jsonargparse import ArgumentParser, Namespace
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -113,6 +115,29 @@ class _ResodeParser(LightningArgumentParser):
             callbacks += [Namespace(class_path=_class_path(c)) for c in _extra_callbacks(trainer) if _class_path(c) not in present]
             trainer["callbacks"] = callbacks
         return super().dump(cfg, *args, **kwargs)
+
+    def print_usage(self, file: Any = None) -> None:
+        # jsonargparse's usage line lists every option of every section (about 120 lines for ``fit``), which
+        # buries the one-line error printed after it; the full list is what ``--help`` is for
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stdout).write(f"usage: {prog} [--config RECIPE.yaml] [--SECTION.KEY VALUE ...]\n")
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(message + _did_you_mean(message, self), ex)
+
+
+def _did_you_mean(message: str, parser: ArgumentParser) -> str:
+    """'; did you mean --model.scheme?' for an unknown key in an error message, from this parser's options."""
+    match = re.search(r"(?:unrecognized arguments: --|does not accept (?:nested key|option|key) ')([\w.]+)", message)
+    if not match:
+        return ""
+    known = {o.lstrip("-").split("=")[0] for a in getattr(parser, "_actions", []) for o in a.option_strings if o.startswith("--")}
+    for action in getattr(parser, "_actions", []):  # the subcommands' own options (``fit``'s sections)
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if isinstance(sub, ArgumentParser):
+                known |= {o.lstrip("-") for a in sub._actions for o in a.option_strings if o.startswith("--")}
+    close = difflib.get_close_matches(match.group(1), sorted(known), n=1, cutoff=0.75)
+    return f"; did you mean --{close[0]}?" if close else ""
 
 
 def _namespace(spec: dict[str, Any]) -> Namespace:

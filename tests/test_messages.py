@@ -89,3 +89,19 @@ def test_tensorboard_logs_or_says_how_to_install_it(tmp_path: Path, monkeypatch:
         monkeypatch.setitem(sys.modules, name, None)
     with pytest.raises(ImportError, match=r"pip install 'lightning-resode\[tensorboard\]'"):
         build_loggers(tmp_path, wandb=False, tensorboard=True)
+
+
+@pytest.mark.parametrize("where", ["command line", "recipe"])
+def test_a_misspelled_recipe_key_is_one_short_error_with_a_suggestion(tmp_path: Path, capsys, where: str) -> None:
+    if where == "recipe":
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("model:\n  schme: auto\n")
+        extra = ["--config", str(bad)]
+    else:
+        extra = ["--model.schme=auto"]
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *QUICK, f"--trainer.default_root_dir={tmp_path}", *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "model.schme" in err and "did you mean --model.scheme?" in err, err
+    assert len(err.strip().splitlines()) <= 4, err  # usage, tip, error: not every option of every section
