@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -34,7 +35,7 @@ import timm
 import torch
 from torch import nn
 
-from lightning_resode import adjoint_stages, saved_activation_bytes, to_adjoint
+from lightning_resode import ReconstructionError, adjoint_stages, saved_activation_bytes, to_adjoint
 from lightning_resode.convert import policy_of
 from lightning_resode.fidelity import calibration_loss, side_effect_free
 from lightning_resode.measure import peak_per_image
@@ -54,7 +55,7 @@ def base_model(name: str, weights: str) -> nn.Module:
     if weights == "trained":
         from lightning_resode.testing import trained_resnet
 
-        return trained_resnet(name, zero_init_last=False, size="full")
+        return trained_resnet(name, zero_init_last=False, size="full").model
     return timm.create_model(name, pretrained=False, zero_init_last=weights == "untrained")
 
 
@@ -99,12 +100,16 @@ def rest_mib_per_image(model: nn.Module, size: int = 224, batch: int = 4) -> flo
 
 
 def whole_model_cosine(model: nn.Module, reference: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
+    """Whole-model gradient cosine against ``reference``; NaN when the method refuses (``ReconstructionError``)."""
     grads = []
     for m in (model, reference):
         params = [p for p in m.parameters() if p.requires_grad]
         with side_effect_free(m):
             torch.manual_seed(0)
-            g = torch.autograd.grad(calibration_loss(m(images), targets), params)
+            try:
+                g = torch.autograd.grad(calibration_loss(m(images), targets), params)
+            except ReconstructionError:
+                return float("nan")
         grads.append(torch.cat([t.flatten().double() for t in g]))
     return float(torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0))
 
@@ -175,7 +180,8 @@ def main() -> None:
                            peak_during=peak.peak_during)
                 rows.append(row)
                 ratio = f"{ratios[variant]:.2f}x" if variant in ratios else "-"
-                print(f"| {name} | {weights} | {variant} | {peak.mib_per_image:.1f} | {rest:.1f} | {cosine:.4f} | {ratio} | {stages} |", flush=True)
+                shown = "ReconstructionError" if math.isnan(cosine) else f"{cosine:.4f}"
+                print(f"| {name} | {weights} | {variant} | {peak.mib_per_image:.1f} | {rest:.1f} | {shown} | {ratio} | {stages} |", flush=True)
             del built, models
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
