@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from .adjoint import AdjointError, AdjointSequential, ReconstructionError
+from .adjoint.function import MIN_VALUES_PER_CHANNEL
 from .adjoint.methods import METHODS, get_method
 from .fidelity import compare, exact_gradients, gradients, no_fallback, side_effect_free, split_batch, unique_params
 
@@ -119,6 +120,7 @@ class StagePolicy:
     _checked: bool = False
     _half_probes: list | None = None
     _exact_reference_stages: dict | None = None
+    _values_per_channel: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "check"):
@@ -201,6 +203,8 @@ class StagePolicy:
         new: list[PolicyDecision] = []
         with side_effect_free(model), no_fallback(stages):
             exact = exact_gradients(model, stages, images, targets, params)
+            # per stage, how many values its BatchNorms normalise over on these images (before any half-batch probe)
+            self._values_per_channel = {name: stage.last_values_per_channel for name, stage in stages.items()}
             self._half_probes, self._exact_reference_stages = None, stages
             previous = {name: stage.method for name, stage in stages.items()}
             for stage in stages.values():
@@ -223,6 +227,16 @@ class StagePolicy:
         return new[::-1]
 
     def _choose_stage(self, model, name, stage, images, targets, params, exact) -> PolicyDecision:  # noqa: ANN001
+        values = (self._values_per_channel or {}).get(name)
+        if values is not None and values < MIN_VALUES_PER_CHANNEL:
+            # the engine runs every method exactly there (see MIN_VALUES_PER_CHANNEL): nothing to measure, and
+            # a larger training batch would use an approximation this calibration never saw
+            stage.configure(method="block")
+            reason = (
+                f"block: exact; the calibration images give {values} values per BatchNorm channel here "
+                f"(< {MIN_VALUES_PER_CHANNEL}), too few to measure an approximation (the state is small)"
+            )
+            return PolicyDecision(name, "block", self.step, 1.0, 1.0, reason)
         stage_params = unique_params(stage)
         required = 1.0 - SAFETY_MARGIN * (1.0 - self.min_cosine)
         tried: list[str] = []

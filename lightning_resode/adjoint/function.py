@@ -99,6 +99,11 @@ class StageRun:
     report: BackwardReport | None = None
     #: for ``part="head"``: the real gradient at the head's output, handed over by the residual chain
     incoming: torch.Tensor | None = None
+    #: chains: the gradient mode and block dtype this call uses (the stage's, or exact stored inputs where
+    #: BatchNorm sees too few values per channel for an approximation, see ``MIN_VALUES_PER_CHANNEL``)
+    gradient: str = ""
+    block_dtype: torch.dtype | None = None
+    few_values: bool = False
 
     # ------------------------------------------------------------------ evaluation with replay
     def call(self, block: torch.nn.Module, x: torch.Tensor, key: Any, mode: str) -> torch.Tensor:
@@ -311,9 +316,19 @@ class StageEntryFunction(torch.autograd.Function):
         run.state_dtype = x.dtype
         run.needs_input_grad = bool(ctx.needs_input_grad[1])
         ctx.run, ctx.input_dtype = run, x.dtype
-        compressed = stage.gradient == "block" and stage.block_dtype is not None
+        run.gradient, run.block_dtype = stage.gradient, stage.block_dtype
+        # only BatchNorm (batch statistics) makes few values per channel dangerous; other stages are unaffected
+        values = values_per_channel(x) if stage.batchnorm_modules() else None
+        stage.last_values_per_channel = values
+        run.few_values = values is not None and values < MIN_VALUES_PER_CHANNEL
+        if run.few_values and (stage.gradient == "adjoint" or stage.block_dtype is not None):
+            # BatchNorm normalises each channel over so few values that its batch variance can be tiny by
+            # chance and magnify any error of an approximate input (a reconstruction's or a 16-bit one's) up
+            # to O(1); the state is tiny there, so it is stored exactly for this call
+            run.gradient, run.block_dtype = "block", None
+        compressed = run.gradient == "block" and run.block_dtype is not None
         keep_x0 = run.head_input is None and (
-            (stage.gradient == "adjoint" and (stage.keep_input or stage.fallback)) or (compressed and stage.fallback)
+            (run.gradient == "adjoint" and (stage.keep_input or stage.fallback)) or (compressed and stage.fallback)
         )
         run.pending = {
             "x_in": x if keep_x0 else None,
@@ -335,9 +350,9 @@ class StageEntryFunction(torch.autograd.Function):
         del grad  # a placeholder: step 0 handed the real gradient over on the run
         head_run = run.head_run
         try:
-            with record_function(f"resode::{stage.display_name}::{stage.gradient}"), run.autocast.replayed():
+            with record_function(f"resode::{stage.display_name}::{run.gradient}"), run.autocast.replayed():
                 real = run.chain.pop("grad", None)
-                if stage.gradient == "block":
+                if run.gradient == "block":
                     grad_x, param_grads = _finish_block(run, real)
                 else:
                     grad_x, param_grads = _finish_adjoint(run, real)
@@ -364,10 +379,10 @@ class StageStepFunction(torch.autograd.Function):
     def forward(ctx: Any, run: StageRun, s: int, h: torch.Tensor) -> torch.Tensor:
         stage = run.stage
         pending = run.pending
-        adjoint = stage.gradient == "adjoint"
+        adjoint = run.gradient == "adjoint"
         steps = stage.num_steps
-        if stage.gradient == "block":
-            pending["step_inputs"].append(_stored_input(stage, h, pending["stored_finite"]))
+        if run.gradient == "block":
+            pending["step_inputs"].append(_stored_input(run, h, pending["stored_finite"]))
         out, _ = stage.scheme_impl.step(s, h, run.evaluator("record"))
         stage.check_shape(s, h, out)
         if adjoint and s == steps - 1 and stage.top_step_dtype is not None:
@@ -389,7 +404,7 @@ class StageStepFunction(torch.autograd.Function):
         _refuse_double_backward(stage)
         if s == stage.num_steps - 1:
             _begin_chain(run, grad)
-            if stage.gradient == "block" and run.chain["held"]["stored_finite"]:
+            if run.gradient == "block" and run.chain["held"]["stored_finite"]:
                 _check_stored_inputs(run, grad)  # may compute the whole stage's exact gradient right here
         if run.chain.get("done"):  # the exact gradient was already computed at the top step: pass it on
             return None, None, (None if run.chain.get("grad") is None else _placeholder_like(run.chain["grad"]))
@@ -399,8 +414,8 @@ class StageStepFunction(torch.autograd.Function):
         # handed down on the run by the step above, and ``grad`` is a placeholder
         holder = [grad if s == stage.num_steps - 1 else run.chain.pop("grad")]
         del grad
-        with record_function(f"resode::{stage.display_name}::{stage.gradient}"), batch_counters_preserved(batchnorms), run.autocast.replayed():
-            if stage.gradient == "block":
+        with record_function(f"resode::{stage.display_name}::{run.gradient}"), batch_counters_preserved(batchnorms), run.autocast.replayed():
+            if run.gradient == "block":
                 grad_x = _block_step(run, s, holder)
             else:
                 grad_x = _adjoint_step(run, s, holder)
@@ -425,13 +440,13 @@ def _begin_chain(run: StageRun, grad_out: torch.Tensor) -> None:
     run.block_forwards = 0
     run.report = BackwardReport(
         scheme=stage.scheme,
-        gradient=stage.gradient,
+        gradient=run.gradient,
         steps=stage.num_steps,
         block_forwards=0,
         anchor_count=len(held.get("anchors") or {}),
     )
     chain: dict[str, Any] = {"held": held, "param_grads": {}, "finite_flags": [], "cache": None}
-    if stage.gradient == "adjoint":
+    if run.gradient == "adjoint":
         x_out = held.pop("x_out")
         chain["work_dtype"] = _work_dtype(x_out.dtype)
         chain["x_next"] = x_out.to(chain["work_dtype"])
@@ -479,20 +494,26 @@ def _finish_block(run: StageRun, grad: torch.Tensor | None):
     return (grad if run.needs_input_grad else None), _ordered(run, run.chain["param_grads"])
 
 
-#: a compressed block input is stored only where each BatchNorm channel of the block normalises over at least
-#: this many values (batch × height × width): over fewer, the batch variance can be tiny by chance and divides
-#: the input's rounding error up to O(1) (measured: 2 images at 1×1 gave whole-model cosines down to -0.96).
-#: Where it applies the state is small (e.g. a 1×1 layer4), so storing it exactly costs next to nothing.
+#: an approximate method (a reconstruction, a 16-bit input) is used only where each BatchNorm channel of the
+#: stage normalises over at least this many values (batch × height × width): over fewer, the batch variance can
+#: be tiny by chance and divides the input's error up to O(1) (measured: 2 images at 1×1 gave whole-model
+#: cosines down to -0.96 with float16 inputs, and NaN with a reconstruction). Where it applies the state is
+#: small (e.g. a 1×1 layer4), so storing it exactly costs next to nothing.
 MIN_VALUES_PER_CHANNEL = 64
 
 
-def _stored_input(stage: "AdjointSequential", h: torch.Tensor, finite: list[torch.Tensor]) -> torch.Tensor:
+def values_per_channel(x: torch.Tensor) -> int:
+    """How many values a BatchNorm over a state like x normalises each channel over (batch × spatial)."""
+    return x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else x.numel()
+
+
+def _stored_input(run: StageRun, h: torch.Tensor, finite: list[torch.Tensor]) -> torch.Tensor:
     """What a ``block`` stage keeps of a step input: compressed where that is safe, else as is."""
-    dtype = stage.block_dtype
-    if dtype is None or dtype == h.dtype or h.dim() < 2 or h.numel() // max(h.shape[1], 1) < MIN_VALUES_PER_CHANNEL:
+    dtype = run.block_dtype
+    if dtype is None or dtype == h.dtype:  # (None also where BatchNorm sees too few values: see the entry node)
         return h
     stored = h.to(dtype)
-    if stage.check_finite:  # overflow of the 16-bit type (or a non-finite input): known before the backward
+    if run.stage.check_finite:  # overflow of the 16-bit type (or a non-finite input): known before the backward
         finite.append(torch.isfinite(torch.sum(stored, dtype=torch.float32)))
     return stored
 
@@ -522,7 +543,7 @@ def _check_stored_inputs(run: StageRun, grad_out: torch.Tensor) -> None:
             "finite, so the training had already diverged (or the data has NaN/inf); no gradient was returned, so "
             "the weights are untouched. Lower the learning rate, check the data, or use gradient clipping"
         )
-    reason = f"a block input does not fit {stage.block_dtype} (overflow)"
+    reason = f"a block input does not fit {run.block_dtype} (overflow)"
     if stage.fallback and x_in is not None:
         chain["held"]["step_inputs"].clear()
         report = run.report

@@ -88,6 +88,8 @@ class AdjointSequential(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self.name = name
         self.last_backward: BackwardReport | None = None
+        #: values per BatchNorm channel (batch × spatial) of the last training call's residual state
+        self.last_values_per_channel: int | None = None
         self.fallback = fallback
         self.max_reconstruction_error = max_reconstruction_error
         self.on_fallback: Callable[["AdjointSequential", str], None] | None = None
