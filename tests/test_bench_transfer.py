@@ -59,6 +59,7 @@ def test_unknown_method_is_refused(bench, tmp_path, capsys) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # every method on four fixtures: ~10 minutes on 2 idle cores, more when shared
 def test_quick_preset_end_to_end(bench, tmp_path) -> None:
     result = bench.main(["--quick", "--out", str(tmp_path)])
     _check_outputs(result, tmp_path)
