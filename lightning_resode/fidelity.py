@@ -117,29 +117,15 @@ def compare(grads: dict[int, torch.Tensor], exact: dict[int, torch.Tensor], para
 
 
 @contextlib.contextmanager
-def exact_stages(stages: dict[str, AdjointSequential]) -> Iterator[None]:
-    """Temporarily give every stage plain autograd (the backprop memory baseline)."""
-    previous = {name: (stage.gradient, stage.fallback) for name, stage in stages.items()}
-    try:
-        for stage in stages.values():
-            stage.configure(gradient="backprop")
-        yield
-    finally:
-        for name, stage in stages.items():
-            gradient, fallback = previous[name]
-            stage.configure(gradient=gradient)
-            stage.fallback = fallback
-
-
-@contextlib.contextmanager
-def exact_reference(stages: dict[str, AdjointSequential]) -> Iterator[None]:
-    """Temporarily give every stage the exact per-block method (the fidelity reference, see module doc)."""
+def _stages_using(stages: dict[str, AdjointSequential], method: str) -> Iterator[None]:
+    """Temporarily give every stage ``method`` (no fallback); afterwards each is as it was, including the
+    report of its own last backward (not the one ``method`` made)."""
     previous = {
         name: (stage.scheme, stage.gradient, stage.block_dtype, stage.fallback, stage.last_backward) for name, stage in stages.items()
     }
     try:
         for stage in stages.values():
-            stage.configure(method="block")
+            stage.configure(method=method)
             stage.fallback = False
         yield
     finally:
@@ -147,7 +133,17 @@ def exact_reference(stages: dict[str, AdjointSequential]) -> Iterator[None]:
             scheme, gradient, block_dtype, fallback, report = previous[name]
             stage.configure(scheme=scheme, gradient=gradient, block_dtype=block_dtype)
             stage.fallback = fallback
-            stage.last_backward = report  # what the stage's own method measured, not the reference's
+            stage.last_backward = report
+
+
+def exact_stages(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[None]:
+    """Temporarily give every stage plain autograd (the backprop memory baseline)."""
+    return _stages_using(stages, "backprop")
+
+
+def exact_reference(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[None]:
+    """Temporarily give every stage the exact per-block method (the fidelity reference, see module doc)."""
+    return _stages_using(stages, "block")
 
 
 def exact_gradients(model: nn.Module, stages: dict[str, AdjointSequential], images: torch.Tensor, targets: torch.Tensor | None, params: Sequence[nn.Parameter] | None = None) -> dict[int, torch.Tensor]:

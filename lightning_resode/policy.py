@@ -123,7 +123,6 @@ class StagePolicy:
     _calibrating: bool = False
     _checked: bool = False
     _half_probes: list | None = None
-    _exact_reference_stages: dict | None = None
     _values_per_channel: dict | None = None
 
     def __post_init__(self) -> None:
@@ -209,7 +208,7 @@ class StagePolicy:
             exact = exact_gradients(model, stages, images, targets, params)
             # per stage, how many values its BatchNorms normalise over on these images (before any half-batch probe)
             self._values_per_channel = {name: stage.last_values_per_channel for name, stage in stages.items()}
-            self._half_probes, self._exact_reference_stages = None, stages
+            self._half_probes = None
             previous = {name: stage.method for name, stage in stages.items()}
             for stage in stages.values():
                 stage.configure(method="block")
@@ -220,7 +219,7 @@ class StagePolicy:
                     if decision.method != previous[name] or not any(d.stage == name for d in self.decisions):
                         new.append(decision)
             finally:
-                self._half_probes = self._exact_reference_stages = None  # gradients and images: not kept
+                self._half_probes = None  # gradients and images: not kept
         methods = {name: stage.method for name, stage in stages.items()}
         if self.sync is not None:
             methods = self.sync(methods)
@@ -295,7 +294,7 @@ class StagePolicy:
             probes = []
             for part in (slice(0, half), slice(half, 2 * half)):
                 part_targets = None if targets is None else targets[part]
-                probes.append((images[part], part_targets, exact_gradients(model, self._exact_reference_stages, images[part], part_targets, params)))
+                probes.append((images[part], part_targets, exact_gradients(model, self.stages, images[part], part_targets, params)))
             self._half_probes = probes
         return self._half_probes
 

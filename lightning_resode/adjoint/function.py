@@ -103,7 +103,8 @@ class StageRun:
     #: BatchNorm sees too few values per channel for an approximation, see ``MIN_VALUES_PER_CHANNEL``)
     gradient: str = ""
     block_dtype: torch.dtype | None = None
-    few_values: bool = False
+    #: the version counters of what ``keep`` holds, checked by ``take`` (in-place changes after the forward)
+    versions: list = field(default_factory=list)
 
     # ------------------------------------------------------------------ evaluation with replay
     def call(self, block: torch.nn.Module, x: torch.Tensor, key: Any, mode: str) -> torch.Tensor:
@@ -140,11 +141,6 @@ class StageRun:
 
         return evaluate
 
-    @property
-    def has_head(self) -> bool:
-        """Whether this node runs (and differentiates) the stage's exact head itself."""
-        return self.part in ("all", "head") and self.stage.exact_head > 0
-
     def run_head(self, x: torch.Tensor, mode: str) -> torch.Tensor:
         if self.part == "residual" and mode == "forward":
             return x  # the head ran in its own node
@@ -172,11 +168,11 @@ class StageRun:
                 value = [v.detach() for v in value]
             held[name] = value
         self.held = held
-        kept = [t for v in held.values() for t in (v.values() if isinstance(v, dict) else v if isinstance(v, list) else [v]) if t is not None]
         # autograd's saved tensors check that nobody modified them in place; these are not saved tensors,
         # so the same check is made here (a detached tensor shares its original's version counter)
         self.versions = [(name, [t._version for t in _tensors_of(v)]) for name, v in held.items()]
         if _KEPT_OBSERVERS:
+            kept = [t for v in held.values() for t in _tensors_of(v)]
             kept += [t for recs in self.replay.records.values() for pair in recs for t in pair]
             kept += [t for snap in self.rng.values() for t in snap.tensors()]
             for observer in _KEPT_OBSERVERS:
@@ -193,7 +189,7 @@ class StageRun:
                 "use scheme='backprop' for this stage"
             )
         self.held = None
-        for name, versions in getattr(self, "versions", ()):
+        for name, versions in self.versions:
             if [t._version for t in _tensors_of(held.get(name))] != versions:
                 what = "stage output" if name == "x_out" else "stage input" if name in ("x_in", "head_input") else f"kept {name}"
                 raise AdjointError(
@@ -318,10 +314,10 @@ class StageEntryFunction(torch.autograd.Function):
         ctx.run, ctx.input_dtype = run, x.dtype
         run.gradient, run.block_dtype = stage.gradient, stage.block_dtype
         # only BatchNorm (batch statistics) makes few values per channel dangerous; other stages are unaffected
-        values = values_per_channel(x) if stage.batchnorm_modules() else None
+        values = values_per_channel(x) if stage.has_batchnorm() else None
         stage.last_values_per_channel = values
-        run.few_values = values is not None and values < MIN_VALUES_PER_CHANNEL
-        if run.few_values and (stage.gradient == "adjoint" or stage.block_dtype is not None):
+        few_values = values is not None and values < MIN_VALUES_PER_CHANNEL
+        if few_values and (stage.gradient == "adjoint" or stage.block_dtype is not None):
             # BatchNorm normalises each channel over so few values that its batch variance can be tiny by
             # chance and magnify any error of an approximate input (a reconstruction's or a 16-bit one's) up
             # to O(1); the state is tiny there, so it is stored exactly for this call
@@ -408,8 +404,7 @@ class StageStepFunction(torch.autograd.Function):
                 _check_stored_inputs(run, grad)  # may compute the whole stage's exact gradient right here
         if run.chain.get("done"):  # the exact gradient was already computed at the top step: pass it on
             return None, None, (None if run.chain.get("grad") is None else _placeholder_like(run.chain["grad"]))
-        blocks = [stage.residual_block(n) for n in stage.scheme_impl.blocks_of_step(s)]
-        batchnorms = [m for b in blocks for m in b.modules() if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+        batchnorms = stage.batchnorm_modules([stage.residual_block(n) for n in stage.scheme_impl.blocks_of_step(s)])
         # the top step's gradient comes from outside the stage (autograd holds it anyway); the others were
         # handed down on the run by the step above, and ``grad`` is a placeholder
         holder = [grad if s == stage.num_steps - 1 else run.chain.pop("grad")]
@@ -465,7 +460,7 @@ def _wants_input_grad(run: StageRun, s: int) -> bool:
 
 def _block_step(run: StageRun, s: int, holder: list[torch.Tensor]) -> torch.Tensor | None:
     """VJP of step s from its stored (possibly compressed) input, which is dropped here."""
-    stage, chain = run.stage, run.chain
+    chain = run.chain
     x_s = chain["held"]["step_inputs"].pop()
     x_s = x_s.to(run.state_dtype)  # the only reference to the compressed copy goes here
     grad_x, step_grads, _ = _step_vjp(run, s, x_s, holder, _wants_input_grad(run, s), want_cache=False)
@@ -488,6 +483,16 @@ def _adjoint_step(run: StageRun, s: int, holder: list[torch.Tensor]) -> torch.Te
     _accumulate(chain["param_grads"], [p for p, _ in step_grads], [g for _, g in step_grads])
     chain["x_next"], chain["cache"] = x_s, cache
     return grad_x
+
+
+def _exact_chain_input(run: StageRun) -> torch.Tensor | None:
+    """The chain's exact input: kept as is, or (the head being its own node) recomputed from the stage input
+    without a graph; None when neither was kept."""
+    held = run.chain["held"]
+    if held.get("head_input") is None:
+        return held.get("x_in")
+    with torch.no_grad(), batch_counters_preserved(run.stage.batchnorm_modules()):
+        return run.run_head(held["head_input"], "exact")
 
 
 def _finish_block(run: StageRun, grad: torch.Tensor | None):
@@ -527,24 +532,18 @@ def _check_stored_inputs(run: StageRun, grad_out: torch.Tensor) -> None:
     stage, chain = run.stage, run.chain
     if bool(torch.stack(chain["held"]["stored_finite"]).all()):
         return
-    x_in = chain["held"].get("x_in")
-    head_input = chain["held"].get("head_input")
-    input_finite = None
-    if head_input is not None:
-        input_finite = bool(torch.isfinite(head_input).all())
-        if input_finite:
-            with torch.no_grad(), batch_counters_preserved(stage.batchnorm_modules()):
-                x_in = run.run_head(head_input, "exact")
-    elif x_in is not None:
-        input_finite = bool(torch.isfinite(x_in).all())
-    if input_finite is False or not bool(torch.isfinite(grad_out).all()):
+    held = chain["held"]
+    stored_input = held.get("head_input") if held.get("head_input") is not None else held.get("x_in")
+    input_diverged = stored_input is not None and not bool(torch.isfinite(stored_input).all())
+    if input_diverged or not bool(torch.isfinite(grad_out).all()):
         raise ReconstructionError(
             f"stage {stage.display_name}: the stage's input or the gradient arriving from the layers above is not "
             "finite, so the training had already diverged (or the data has NaN/inf); no gradient was returned, so "
             "the weights are untouched. Lower the learning rate, check the data, or use gradient clipping"
         )
     reason = f"a block input does not fit {run.block_dtype} (overflow)"
-    if stage.fallback and x_in is not None:
+    x_in = _exact_chain_input(run) if stage.fallback else None
+    if x_in is not None:
         chain["held"]["step_inputs"].clear()
         report = run.report
         report.fell_back, report.fallback_reason = True, reason
@@ -566,7 +565,6 @@ def _finish_adjoint(run: StageRun, grad: torch.Tensor | None):
     """Check the reconstruction at the chain's input; fall back to the exact gradient or raise if it failed."""
     stage, chain = run.stage, run.chain
     report: BackwardReport = run.report
-    held = chain["held"]
     steps = stage.num_steps
     x_hat = chain.pop("x_next")
     chain.pop("cache", None)
@@ -576,13 +574,7 @@ def _finish_adjoint(run: StageRun, grad: torch.Tensor | None):
         ok = torch.stack(flags)
         if not bool(ok.all()):
             bad_step = steps - 1 - int((~ok).nonzero()[0])
-    x_in = held.get("x_in")
-    head_input = held.get("head_input")
-    if head_input is not None:
-        # the head is its own node: recompute its exact output (no graph) to measure and to fall back from
-        with torch.no_grad(), batch_counters_preserved(stage.batchnorm_modules()):
-            x_in = run.run_head(head_input, "exact")
-        del head_input
+    x_in = _exact_chain_input(run)
     if bad_step is not None:
         if stage.fallback and x_in is not None:
             del x_hat, grad

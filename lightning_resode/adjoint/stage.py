@@ -220,8 +220,13 @@ class AdjointSequential(nn.Module):
         wanted = {id(p) for block in blocks for p in block.parameters()}
         return [p for p in params if id(p) in wanted]
 
-    def batchnorm_modules(self) -> list[nn.Module]:
-        return [m for m in self.modules() if isinstance(getattr(m, "num_batches_tracked", None), torch.Tensor)]
+    def batchnorm_modules(self, blocks: Iterable[nn.Module] | None = None) -> list[nn.Module]:
+        """BatchNorm-like modules (with a batch counter) of the stage, or of the given blocks."""
+        modules = self.modules() if blocks is None else (m for block in blocks for m in block.modules())
+        return [m for m in modules if _is_batchnorm(m)]
+
+    def has_batchnorm(self) -> bool:
+        return any(_is_batchnorm(m) for m in self.modules())
 
     def check_shape(self, s: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if out.shape != x.shape:
@@ -297,3 +302,7 @@ class AdjointSequential(nn.Module):
         for s in range(self.num_steps):
             h = StageStepFunction.apply(run, s, h)
         return h
+
+
+def _is_batchnorm(module: nn.Module) -> bool:
+    return isinstance(getattr(module, "num_batches_tracked", None), torch.Tensor)
