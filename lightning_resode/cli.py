@@ -15,20 +15,20 @@ naming the bad key or value) before anything trains. Besides ``trainer``/``model
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import logging
 import os
-import pickle
 import re
 import sys
 import warnings
-import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser, Namespace
-from lightning.pytorch import Callback, LightningDataModule, Trainer
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 
@@ -42,18 +42,31 @@ from .lit import data as _data  # noqa: F401  (makes the DataModules resolvable 
 from .lit.callbacks import FitSummary, GradientFidelity, MemoryMonitor, ReconstructionMonitor
 from .lit.checkpointing import (
     AtomicCheckpointIO,
+    CheckpointError,
+    CheckpointWriteError,
     InterruptCheckpoint,
     RandomStateCheckpoint,
     ResodeModelCheckpoint,
-    unreadable_checkpoint,
+    ResumeOptions,
+    check_checkpoint_fits,
+    resolve_last,
+    safe_load,
 )
+from .lit.data import ClassMismatchError, ImageReadError
+from .lit.guards import NonFiniteInputError, TrainingDivergedError
 from .lit.loggers import build_loggers, logger_specs, prepare_logger
-from .lit.module import ResodeClassifier
+from .lit.module import BatchTooSmallError, ResodeClassifier
 from .lit.prediction import PredictionWriter
 from .pretrained import PretrainedWeightsUnavailable
 
 # what `diagnose --help` shows; the recipe's other sections are accepted (one recipe serves every command)
 _DIAGNOSE_SECTIONS = ("help", "config", "print_config", "seed_everything", "model", "data", _DIAGNOSE, "ckpt_path")
+#: model options only training reads: diagnose parses them (a recipe has them) but its --help leaves them out
+_TRAINING_ONLY_MODEL_OPTIONS = (
+    "optimizer", "lr", "weight_decay", "momentum", "scheduler", "warmup_epochs", "min_lr", "warmup_lr", "decay_epochs",
+    "decay_milestones", "decay_rate", "patience_epochs", "plateau_monitor", "plateau_mode", "cooldown_epochs",
+    "cycle_limit", "cycle_mul", "cycle_decay", "ema_decay", "compile", "label_smoothing", "mixup_alpha", "cutmix_alpha",
+)
 
 
 def _checkpoint_dir(root_dir: str | None) -> str:
@@ -75,17 +88,56 @@ def _hide_from_help(parser: LightningArgumentParser, keep: tuple[str, ...]) -> N
     for action in parser._actions:
         if action.dest.split(".")[0] not in keep:
             action.help = argparse.SUPPRESS
+    # a SUPPRESS help would also drop these options from the model's saved hyperparameters; skip them in the
+    # help formatter instead
+    hidden = {f"model.{name}" for name in _TRAINING_ONLY_MODEL_OPTIONS}
+
+    class _Formatter(parser.formatter_class):  # type: ignore[name-defined,misc]
+        def add_argument(self, action: argparse.Action) -> None:
+            if action.dest not in hidden:
+                super().add_argument(action)
+
+        def add_usage(self, usage: Any, actions: Any, groups: Any, prefix: Any = None) -> None:
+            super().add_usage(usage, [a for a in actions if a.dest not in hidden], groups, prefix)
+
+    parser.formatter_class = _Formatter
     for name, group in parser.groups.items():
         if name.split(".")[0] not in keep:
             group.title, group.description = None, None
 
 
+class ResodeProgressBar(RichProgressBar):
+    """Rich's progress bar, closed when training ends, and without a meaningless version number.
+
+    Lightning's bar stays live until teardown, after ``FitSummary`` printed its table, so its last frame came
+    out below the table; and it shows the CSV logger's version as ``v_num: 0.000`` when W&B (whose run id it
+    shows otherwise) is off.
+    """
+
+    def get_metrics(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if not isinstance(items.get("v_num"), str):
+            items.pop("v_num", None)
+        return items
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.teardown(trainer, pl_module, "fit")  # RichProgressBar's teardown stops the live display, nothing else
+
+
 def _extra_callbacks(trainer_config: Any) -> list[Callback]:
     """The callbacks every run gets besides the recipe's sections (``memory``, ``fidelity``…)."""
-    callbacks: list[Callback] = [FitSummary(), InterruptCheckpoint(), RandomStateCheckpoint()]
+    callbacks: list[Callback] = [FitSummary(), InterruptCheckpoint(), RandomStateCheckpoint(), ResumeOptions()]
     if trainer_config.get("enable_progress_bar") is not False:
-        callbacks.append(RichProgressBar())
+        callbacks.append(ResodeProgressBar())
     return callbacks
+
+
+def _missing(extra: list[Callback], callbacks: list[Any]) -> list[Callback]:
+    """The extra callbacks not given already (any progress bar counts as the progress bar)."""
+    present = {type(c) for c in callbacks}
+    has_bar = any(isinstance(c, ProgressBar) for c in callbacks)
+    return [c for c in extra if type(c) not in present and not (has_bar and isinstance(c, ProgressBar))]
 
 
 def _class_path(instance: object) -> str:
@@ -112,7 +164,12 @@ class _ResodeParser(LightningArgumentParser):
                 del cfg["logging"]
             callbacks = list(trainer.get("callbacks") or [])
             present = {c.get("class_path") for c in callbacks if isinstance(c, Namespace)}
-            callbacks += [Namespace(class_path=_class_path(c)) for c in _extra_callbacks(trainer) if _class_path(c) not in present]
+            listed_bar = any(p and p.rsplit(".", 1)[-1].endswith("ProgressBar") for p in present)
+            callbacks += [
+                Namespace(class_path=_class_path(c))
+                for c in _extra_callbacks(trainer)
+                if _class_path(c) not in present and not (listed_bar and isinstance(c, ProgressBar))
+            ]
             trainer["callbacks"] = callbacks
         return super().dump(cfg, *args, **kwargs)
 
@@ -123,6 +180,13 @@ class _ResodeParser(LightningArgumentParser):
         (file or sys.stdout).write(f"usage: {prog} [--config RECIPE.yaml] [--SECTION.KEY VALUE ...]\n")
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if re.search(r'Linked "model\.num_classes" must be given via', message):
+            message = (
+                "model.num_classes is not an option: it is the data's number of classes (digits: 10, an image "
+                "folder: one per class sub-folder), linked into the model. For another number, use data with those "
+                "classes, e.g. --data=SyntheticDataModule --data.init_args.num_classes=N, or an image folder with N "
+                "class folders"
+            )
         super().error(message + _did_you_mean(message, self), ex)
 
 
@@ -224,12 +288,41 @@ class ResodeCLI(LightningCLI):
         return parser
 
     def _parse_ckpt_path(self) -> None:
-        """LightningCLI reads the hyperparameters of ``--ckpt_path`` first: say so when the file is not a checkpoint."""
-        try:
-            super()._parse_ckpt_path()
-        except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
-            path = self.config[self.config.subcommand].get("ckpt_path")
-            raise unreadable_checkpoint(path, err) from None
+        """Resolve ``--ckpt_path`` and read it safely; unlike LightningCLI, never take the model from it.
+
+        LightningCLI re-parses the checkpoint's hyperparameters over the config, so a resnet18 checkpoint with a
+        resnet50 recipe silently built a resnet18, and ``--model.lr`` on the command line was dropped. Here the
+        config stays the source of truth: ``instantiate_classes`` refuses a checkpoint of another model, and
+        ``ResumeOptions`` applies changed training options. ``last`` becomes the file with the most progress.
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        self._checkpoint = None
+        requested = config.get("ckpt_path")
+        if not requested:
+            return
+        if requested == "last":
+            folder = config.get("checkpoint", {}).get("dirpath") or _checkpoint_dir(config["trainer"].get("default_root_dir"))
+            found = resolve_last(folder)
+            if found is None:
+                if subcommand != "fit":  # evaluating random weights is never what "last" meant
+                    raise CheckpointError(
+                        f"--ckpt_path last: no last.ckpt or interrupted.ckpt in {str(folder)!r}; run fit first, "
+                        "or give a checkpoint file"
+                    )
+                return  # fit starts fresh, with Lightning's warning
+            config["ckpt_path"] = str(found)
+            requested = str(found)
+        path = Path(requested)
+        if path.exists() or "://" not in requested:
+            if not path.is_file():
+                raise CheckpointError(
+                    f"--ckpt_path {requested!r} does not exist; give an existing .ckpt file, or 'last' to resume the "
+                    "checkpoint with the most progress in this run's checkpoints folder"
+                )
+            self._checkpoint = (path, safe_load(path, mmap=True))
 
     def instantiate_classes(self) -> None:
         # a value the constructors reject (min_cosine=2, an unknown stage or model family) is a usage error
@@ -238,6 +331,10 @@ class ResodeCLI(LightningCLI):
             super().instantiate_classes()
         except (ValueError, TypeError) as err:
             raise _UsageError(_reason(err)) from err
+        checkpoint = getattr(self, "_checkpoint", None)
+        if checkpoint is not None:
+            check_checkpoint_fits(self.model, checkpoint[1], checkpoint[0])
+            self._checkpoint = None  # the trainer reads the file itself; do not keep the mapping open
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         if self.diagnose_mode:
@@ -252,8 +349,7 @@ class ResodeCLI(LightningCLI):
             kwargs["logger"] = [prepare_logger(item) for item in logger]
         kwargs["plugins"] = _with_atomic_checkpoints(kwargs.get("plugins", trainer_config.get("plugins")))
         callbacks = list(kwargs.pop("callbacks", None) or trainer_config.get("callbacks") or [])
-        present = {type(c) for c in callbacks}
-        kwargs["callbacks"] = callbacks + [c for c in _extra_callbacks(trainer_config) if type(c) not in present]
+        kwargs["callbacks"] = callbacks + _missing(_extra_callbacks(trainer_config), callbacks)
         if trainer_config.get("enable_progress_bar") is False:  # a dumped config lists the bar; Lightning refuses both
             kwargs["callbacks"] = [c for c in kwargs["callbacks"] if not isinstance(c, RichProgressBar)]
         return super().instantiate_trainer(**kwargs)
@@ -271,6 +367,33 @@ def _with_atomic_checkpoints(plugins: Any) -> list[Any]:
 
 def _drop_tips(record: logging.LogRecord) -> bool:
     return "litlogger" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def each_warning_once() -> Iterator[None]:
+    """While a command runs, a stage-policy warning identical to the one just before it is not shown again."""
+    log = logging.getLogger("lightning_resode.policy")
+    once = _OnceInARow()
+    log.addFilter(once)
+    try:
+        yield
+    finally:
+        log.removeFilter(once)
+
+
+class _OnceInARow(logging.Filter):
+    """Drop a warning identical to the one just before it: a measurement that repeats a step (the memory monitor's
+    warm-up and first step run on the same images) repeats its warning word for word, which says nothing new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.previous: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        repeated = record.levelno >= logging.WARNING and message == self.previous
+        self.previous = message
+        return not repeated
 
 
 def _quiet_startup() -> None:
@@ -298,28 +421,28 @@ def _make_cli(args: list[str] | None, *, run: bool, parser_kwargs: dict[str, Any
 
 
 def _resolve_checkpoint(ckpt_path: str, root_dir: str | None) -> Path:
-    path = Path(_checkpoint_dir(root_dir)) / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path)
+    if ckpt_path == "last":
+        found = resolve_last(_checkpoint_dir(root_dir))
+        if found is None:
+            raise CheckpointError(
+                f"--ckpt_path last: no last.ckpt or interrupted.ckpt in {_checkpoint_dir(root_dir)!r}; run fit first, "
+                "or give a checkpoint file"
+            )
+        return found
+    path = Path(ckpt_path)
     if not path.is_file():
-        raise SystemExit(f"{_PROG} diagnose: error: checkpoint {str(path)!r} does not exist (a path, or 'last')")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist (a path, or 'last')")
     return path
 
 
 def _load_checkpoint_weights(model: ResodeClassifier, path: Path) -> None:
-    """The network weights of one of our Lightning checkpoints (tensors only: ``weights_only=True``)."""
-    import torch
-
-    state = torch.load(str(path), map_location="cpu", weights_only=True).get("state_dict", {})
+    """The network weights of one of our Lightning checkpoints, read with the safe loader (tensors only)."""
+    checkpoint = safe_load(path)
+    check_checkpoint_fits(model, checkpoint, path)
     prefix = "model."
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    if not weights:
-        raise SystemExit(f"{_PROG} diagnose: error: {str(path)!r} is not a lightning-resode checkpoint (no model.* weights)")
-    try:
-        model.model.load_state_dict(weights)
-    except RuntimeError as err:
-        raise SystemExit(
-            f"{_PROG} diagnose: error: {str(path)!r} does not fit the recipe's model "
-            f"({model.hparams.model_name}, {model.hparams.num_classes} classes): {err}"
-        ) from None
+    model.model.load_state_dict({k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    if model.policy is not None and "resode_policy" in checkpoint:
+        model.policy.load_state_dict(checkpoint["resode_policy"])  # the methods the run used, not a fresh choice
 
 
 def _diagnose(args: list[str]) -> None:
@@ -362,21 +485,41 @@ def _diagnose_device(accelerator: Any) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
+# errors whose message already says what is wrong and what to do: the command prints it as one line (status 1)
+_ONE_LINE_ERRORS: tuple[type[BaseException], ...] = (
+    PretrainedWeightsUnavailable,
+    _UsageError,
+    CheckpointError,
+    CheckpointWriteError,
+    BatchTooSmallError,
+    ClassMismatchError,
+    ImageReadError,
+    NonFiniteInputError,
+    TrainingDivergedError,
+    FileNotFoundError,
+)
+
+
 def main(args: list[str] | None = None) -> None:
     """Console-script entry point: LightningCLI's subcommands, ``diagnose`` and ``report``."""
     argv = sys.argv[1:] if args is None else list(args)
     check_command(argv)  # the top-level help, or an early error for an unknown command
     try:
-        if argv[0] == _DIAGNOSE:
-            _diagnose(argv[1:])
-            return
-        if argv[0] == _REPORT:
-            report(argv[1:])
-            return
-        cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
-    except (PretrainedWeightsUnavailable, _UsageError) as err:  # known, fixable: the message, not a traceback
-        raise SystemExit(f"{_PROG}: error: {err}") from None
+        with each_warning_once():
+            if argv[0] == _DIAGNOSE:
+                _diagnose(argv[1:])
+                return
+            if argv[0] == _REPORT:
+                report(argv[1:])
+                return
+            cli = _make_cli(None if args is None else argv, run=True)  # None: LightningCLI reads sys.argv itself
+    except _ONE_LINE_ERRORS as err:  # known, fixable: the message, not a traceback
+        raise SystemExit(f"{_PROG}: error: {_one_line(err)}") from None
     _finish_wandb(cli.trainer)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _finish_wandb(trainer: Trainer) -> None:

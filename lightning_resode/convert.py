@@ -9,12 +9,18 @@ What is converted, per family (``_FAMILIES``, a registry rather than an if-chain
   with the engine's BatchNorm-updated-once and RNG-replay guarantees. Its modules stay where timm put them
   (same keys); the model's class is swapped for a thin subclass whose ``forward_features`` runs the stem
   through that exact checkpoint. ``from_adjoint`` swaps it back.
+- timm's ``features_only=True`` models are converted too: a ``FeatureListNet`` (its stages; its stem runs as
+  timm runs it, since the stem's activation is one of the features) and a ``FeatureGetterNet`` (the model it
+  wraps, whose ``forward_intermediates`` runs the converted stages).
 
-So a converted network saves O(number of stages) activations instead of O(depth).
+So a converted network saves O(number of stages) activations instead of O(depth). Tracing sees the plain
+network: FX (``torch.fx``, torchvision's feature extraction) records the stem and the stages' blocks under timm's
+own module names, and ``torch.jit.script`` compiles a view of the model with plain ``nn.Sequential`` stages.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,47 +41,59 @@ _POLICY_KEY = "_resode_policy"
 # ---------------------------------------------------------------------------------------------- families
 @dataclass(frozen=True)
 class _Family:
-    """How to find the residual stages and the stem of one timm model class."""
+    """How to find the residual stages (and the stem) of one kind of timm model."""
 
     name: str
     members: str
-    model_type: Callable[[], type]
-    #: public stage name -> (parent module, attribute holding the nn.Sequential of blocks)
-    stage_slots: Callable[[nn.Module], dict[str, tuple[nn.Module, str]]]
-    stem_modules: Callable[[nn.Module], list[nn.Module]]
-    #: forward_features with the stem replaced by ``stem`` (a callable)
-    features: Callable[[nn.Module, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+    matches: Callable[[nn.Module], bool]
+    #: public stage name -> dotted path of the attribute holding the stage's blocks (an nn.Sequential)
+    stage_paths: Callable[[nn.Module], dict[str, str]]
+    #: dotted path of the module every forward runs first on the image (where the stage policy calibrates)
+    first_module: Callable[[nn.Module], str]
+    #: the stem modules, and forward_features with the stem replaced by ``stem`` (a callable); None where the
+    #: model's own forward runs its stem (features_only wrappers)
+    stem_modules: Callable[[nn.Module], list[nn.Module]] | None = None
+    features: Callable[[nn.Module, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
 
 
-def _resnet_type() -> type:
-    from timm.models.resnet import ResNet
+def _is_instance(module_path: str, class_name: str) -> Callable[[nn.Module], bool]:
+    def check(model: nn.Module) -> bool:
+        import importlib
 
-    return ResNet
+        cls = getattr(importlib.import_module(module_path), class_name, None)
+        return cls is not None and isinstance(model, cls)
 
-
-def _resnetv2_type() -> type:
-    from timm.models.resnetv2 import ResNetV2
-
-    return ResNetV2
+    return check
 
 
-def _resnet_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    return {f"layer{i}": (model, f"layer{i}") for i in range(1, 5) if isinstance(getattr(model, f"layer{i}", None), nn.Module)}
+def _feature_list_with(child: str) -> Callable[[nn.Module], bool]:
+    """A timm ``FeatureListNet`` / ``FeatureDictNet`` (features_only) holding the given top-level child."""
+    is_feature_net = _is_instance("timm.models._features", "FeatureDictNet")
+    return lambda model: is_feature_net(model) and child in model._modules
+
+
+def _resnet_paths(model: nn.Module) -> dict[str, str]:
+    return {f"layer{i}": f"layer{i}" for i in range(1, 5) if isinstance(model._modules.get(f"layer{i}"), nn.Module)}
 
 
 def _resnet_features(model: nn.Module, x: torch.Tensor, stem: Callable) -> torch.Tensor:
     x = stem(x)
-    for name in _resnet_slots(model):
-        x = getattr(model, name)(x)
+    for path in _resnet_paths(model).values():
+        x = getattr(model, path)(x)
     return x
-
-
-def _resnetv2_slots(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
-    return {f"stages.{i}": (stage, "blocks") for i, stage in enumerate(model.stages)}
 
 
 def _resnetv2_features(model: nn.Module, x: torch.Tensor, stem: Callable) -> torch.Tensor:
     return model.norm(model.stages(stem(x)))
+
+
+def _first_child(prefix: str) -> Callable[[nn.Module], str]:
+    def path(model: nn.Module) -> str:
+        parent = model.get_submodule(prefix) if prefix else model
+        name = next(iter(parent._modules))
+        return f"{prefix}.{name}" if prefix else name
+
+    return path
 
 
 _FAMILIES: tuple[_Family, ...] = (
@@ -83,18 +101,34 @@ _FAMILIES: tuple[_Family, ...] = (
         name="timm ResNet v1",
         members="resnet18/26/34/50/101/152/200 and their -d/-t variants, resnext, seresnet/seresnext, "
         "ecaresnet, wide_resnet, resnetrs, …",
-        model_type=_resnet_type,
-        stage_slots=_resnet_slots,
+        matches=_is_instance("timm.models.resnet", "ResNet"),
+        stage_paths=_resnet_paths,
+        first_module=lambda m: "conv1",
         stem_modules=lambda m: [m.conv1, m.bn1, m.act1, m.maxpool],
         features=_resnet_features,
     ),
     _Family(
         name="timm ResNetV2 (pre-activation)",
         members="resnetv2_18/34/50/101/152 and -d variants, BiT (resnetv2_*_bit)",
-        model_type=_resnetv2_type,
-        stage_slots=_resnetv2_slots,
+        matches=_is_instance("timm.models.resnetv2", "ResNetV2"),
+        stage_paths=lambda m: {f"stages.{i}": f"stages.{i}.blocks" for i in range(len(m.stages))},
+        first_module=_first_child("stem"),
         stem_modules=lambda m: list(m.stem.children()),
         features=_resnetv2_features,
+    ),
+    _Family(
+        name="features_only ResNet v1",
+        members="timm.create_model(<a ResNet v1>, features_only=True)",
+        matches=_feature_list_with("layer1"),
+        stage_paths=_resnet_paths,
+        first_module=_first_child(""),
+    ),
+    _Family(
+        name="features_only ResNetV2",
+        members="timm.create_model(<a ResNetV2>, features_only=True)",
+        matches=_feature_list_with("stages_0"),
+        stage_paths=lambda m: {f"stages.{i}": f"stages_{i}.blocks" for i in range(4) if f"stages_{i}" in m._modules},
+        first_module=_first_child(""),
     ),
 )
 
@@ -103,9 +137,17 @@ def _supported_summary() -> str:
     return "; ".join(f"{f.name} ({f.members})" for f in _FAMILIES)
 
 
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The module holding the stages: a features_only ``FeatureGetterNet``'s model, else the model itself."""
+    is_getter = _is_instance("timm.models._features", "FeatureGetterNet")
+    while is_getter(model):
+        model = model.model
+    return model
+
+
 def _family_of(model: nn.Module) -> _Family:
     for family in _FAMILIES:
-        if isinstance(model, family.model_type()):
+        if family.matches(model):
             return family
     raise TypeError(
         f"cannot convert a {type(model).__module__}.{type(model).__name__}: its residual stages are unknown. "
@@ -113,15 +155,26 @@ def _family_of(model: nn.Module) -> _Family:
     )
 
 
+def _slots(model: nn.Module, family: _Family) -> dict[str, tuple[nn.Module, str]]:
+    """Public stage name -> (parent module, attribute holding the blocks)."""
+    slots = {}
+    for name, path in family.stage_paths(model).items():
+        parent, _, attr = path.rpartition(".")
+        slots[name] = (model.get_submodule(parent) if parent else model, attr)
+    return slots
+
+
 def supported_stage_names(model: nn.Module) -> list[str]:
     """Names ``to_adjoint(stages=...)`` accepts for this model, input side first (e.g. ``layer1``…``layer4``)."""
-    return list(_family_of(model).stage_slots(model))
+    target = _unwrapped(model)
+    return list(_family_of(target).stage_paths(target))
 
 
 def adjoint_stages(model: nn.Module) -> dict[str, AdjointSequential]:
     """Converted stages by public name (``"layer3"``, ``"stages.2"``…); empty for an unconverted model."""
+    target = _unwrapped(model)
     try:
-        slots = _family_of(model).stage_slots(model)
+        slots = _slots(target, _family_of(target))
     except TypeError:
         return {name: m for name, m in model.named_modules() if isinstance(m, AdjointSequential)}
     stages = {name: getattr(parent, attr) for name, (parent, attr) in slots.items()}
@@ -130,7 +183,9 @@ def adjoint_stages(model: nn.Module) -> dict[str, AdjointSequential]:
 
 # ---------------------------------------------------------------------------------------------- the class swap
 class _AdjointFeatures:
-    """Mixed in front of the timm class: the stem runs as an exact checkpoint; timm's checkpointing is refused."""
+    """Mixed in front of the timm class: the stem runs as an exact checkpoint; timm's checkpointing is refused.
+
+    (The auto policy calibrates from a forward pre-hook it registers on the model, not from here.)"""
 
     def __reduce_ex__(self, protocol: int):  # noqa: ANN204
         # The subclass is made at conversion time; another process (ddp_spawn, torch.load) has not made it yet,
@@ -140,10 +195,17 @@ class _AdjointFeatures:
         return (_new_converted, (base, *args[1:]), *rest)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        policy = self.__dict__.get(_POLICY_KEY)
-        if policy is not None and not policy.external and self.training and torch.is_grad_enabled():
-            policy.before_step(self, x)  # calibrates on the first training step (pseudo-labels: no targets here)
-        return _family_of(self).features(self, x, _stem_runner(self))
+        family = _family_of(self)
+        if isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing():
+            # tracing records the plain network under timm's module names (the stem runner is not a submodule)
+            return family.features(self, x, lambda h: functools.reduce(lambda a, m: m(a), family.stem_modules(self), h))
+        return family.features(self, x, _stem_runner(self))
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """``torch.jit.script`` compiles timm's own code: a view of this model with plain ``nn.Sequential`` stages
+        (the same blocks and weights), the timm class and none of the policy's Python hooks. Scripted, it is the
+        plain network (for inference; trained scripted, it keeps every activation)."""
+        return _plain_view(self)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         if enable:
@@ -184,9 +246,57 @@ def _stem_runner(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     if stem is None or len(stem) != len(modules) or any(a is not b for a, b in zip(stem, modules)):
         stem = AdjointSequential(modules, exact_head=len(modules), gradient="checkpoint", name="stem")
         model.__dict__[_STEM_KEY] = stem  # not a registered child: state_dict keys stay timm's
-    stem.configure(gradient=gradient)
-    stem.training = model.training
+    if stem.gradient != gradient:
+        stem.configure(gradient=gradient)
+    if stem.training != model.training:
+        stem.training = model.training  # not a child, so train() / eval() do not reach it
     return stem
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object of the same class sharing everything but its own table of children."""
+    copy = object.__new__(type(module))
+    copy.__dict__.update(module.__dict__)
+    copy._modules = dict(module._modules)
+    return copy
+
+
+def _plain_view(model: nn.Module) -> nn.Module:
+    """The converted model as plain timm (for TorchScript): new containers along the paths to the stages and to
+    the module the policy hooks, nn.Sequential stages of the same blocks, the timm class; the model is untouched."""
+    family = _family_of(model)
+    view = _shallow_copy(model)
+    view.__class__ = next(c for c in type(model).__mro__[1:] if not issubclass(c, _AdjointFeatures))
+    for key in (_STEM_KEY, _STEM_KEY + "_gradient", _POLICY_KEY):
+        view.__dict__.pop(key, None)
+
+    def replace(path: str, make: Callable[[nn.Module], nn.Module]) -> None:
+        parent = view
+        *names, last = path.split(".")
+        for name in names:
+            child = _shallow_copy(parent._modules[name])
+            parent._modules[name] = child
+            parent = child
+        parent._modules[last] = make(parent._modules[last])
+
+    for path in family.stage_paths(model).values():
+        replace(path, lambda stage: nn.Sequential(*stage) if isinstance(stage, AdjointSequential) else stage)
+
+    def without_policy_hooks(module: nn.Module) -> nn.Module:
+        """The module with its own hook tables, minus the stage policy's (Python, which TorchScript cannot compile)."""
+        module = _shallow_copy(module) if module is not view else module
+        for table in ("_forward_pre_hooks", "_forward_hooks"):
+            hooks = getattr(module, table)
+            kept = type(hooks)((key, hook) for key, hook in hooks.items() if not isinstance(getattr(hook, "__self__", None), StagePolicy))
+            setattr(module, table, kept)
+        module._forward_hooks_always_called = type(module._forward_hooks_always_called)(
+            (key, value) for key, value in module._forward_hooks_always_called.items() if key in module._forward_hooks
+        )
+        return module
+
+    without_policy_hooks(view)
+    replace(family.first_module(model), without_policy_hooks)
+    return view
 
 
 # ---------------------------------------------------------------------------------------------- conversion
@@ -239,6 +349,7 @@ def to_adjoint(
         check: for an explicit approximate method, measure it once on the first training step and warn
             when it is unsafe for a stage.
     """
+    root, model = model, _unwrapped(model)  # a features_only FeatureGetterNet: convert the model it wraps
     family = _family_of(model)
     check_policy_options(scheme, min_cosine, recheck_every)
     if scheme == "heun":
@@ -247,16 +358,18 @@ def to_adjoint(
             "timm ResNet is an Euler network, so its outputs change. Use an Euler scheme to fine-tune it",
             stacklevel=2,
         )
-    slots = family.stage_slots(model)
+    slots = _slots(model, family)
     names = list(slots) if stages is None else [stages] if isinstance(stages, str) else list(stages)
     unknown = [name for name in names if name not in slots]
     if not names:
         raise ValueError(f"stages=[] converts nothing; pass None for every stage, or some of {list(slots)}")
     if unknown:
         raise ValueError(f"unknown stage name(s) {unknown}; valid stage names: {list(slots)}")
-    if any(getattr(m, "grad_checkpointing", False) is True for m in model.modules()):
+    if any(getattr(m, "grad_checkpointing", False) is True for m in root.modules()):
         warnings.warn("timm's grad checkpointing is superseded by the adjoint stages; turning it off", stacklevel=2)
-        model.set_grad_checkpointing(False)
+        for m in {id(m): m for m in (root, model)}.values():
+            if hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(False)
 
     converted: dict[str, AdjointSequential] = {}
     for name in names:
@@ -286,9 +399,10 @@ def to_adjoint(
         except ValueError as err:
             raise ValueError(f"stage {name!r} ({len(stage)} blocks, {stage.exact_head} shape-changing): {err}") from err
         stage.fallback = False
-    model.__class__ = _converted_class(type(model))
-    model.__dict__[_STEM_KEY + "_gradient"] = "backprop" if scheme == "backprop" else "checkpoint"
-    model.__dict__.pop(_POLICY_KEY, None)
+    if family.features is not None:  # the stem as an exact checkpoint (a feature wrapper runs its own stem)
+        model.__class__ = _converted_class(type(model))
+        model.__dict__[_STEM_KEY + "_gradient"] = "backprop" if scheme == "backprop" else "checkpoint"
+    _drop_policy(root)
     if scheme == "auto":
         policy = StagePolicy(converted, mode="auto", min_cosine=min_cosine, recheck_every=recheck_every)
     elif check and not METHODS[scheme].exact:
@@ -296,12 +410,21 @@ def to_adjoint(
     else:
         policy = None
     if policy is not None:
-        model.__dict__[_POLICY_KEY] = policy
+        root.__dict__[_POLICY_KEY] = policy
+        # calibrates on the first training forward of any path (forward, forward_features, forward_intermediates,
+        # a features_only wrapper): they all start with this module, on the images (pseudo-labels: no targets)
+        policy.attach(root, model.get_submodule(family.first_module(model)))
         if calibration is not None:
-            policy.calibrate(model, calibration)
+            policy.calibrate(root, calibration)
     elif calibration is not None:
         raise ValueError(f"calibration= is used by scheme='auto' or an approximate scheme with check=True, not by {scheme!r}")
-    return model
+    return root
+
+
+def _drop_policy(model: nn.Module) -> None:
+    policy = model.__dict__.pop(_POLICY_KEY, None)
+    if policy is not None:
+        policy.detach()
 
 
 def policy_of(model: nn.Module) -> StagePolicy | None:
@@ -311,8 +434,8 @@ def policy_of(model: nn.Module) -> StagePolicy | None:
 
 def from_adjoint(model: nn.Module) -> nn.Module:
     """Undo ``to_adjoint`` in place: plain ``nn.Sequential`` stages and the original timm class; returns ``model``."""
-    family = _family_of(model)
-    for parent, attr in family.stage_slots(model).values():
+    root, model = model, _unwrapped(model)
+    for parent, attr in _slots(model, _family_of(model)).values():
         stage = getattr(parent, attr)
         if isinstance(stage, AdjointSequential):
             setattr(parent, attr, nn.Sequential(*stage))
@@ -320,5 +443,5 @@ def from_adjoint(model: nn.Module) -> nn.Module:
         model.__class__ = next(c for c in type(model).__mro__[1:] if not issubclass(c, _AdjointFeatures))
     model.__dict__.pop(_STEM_KEY, None)
     model.__dict__.pop(_STEM_KEY + "_gradient", None)
-    model.__dict__.pop(_POLICY_KEY, None)
-    return model
+    _drop_policy(root)
+    return root

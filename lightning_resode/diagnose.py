@@ -21,7 +21,7 @@ from torch import nn
 
 from .adjoint import AdjointError, AdjointSequential, ReconstructionError
 from .convert import adjoint_stages, policy_of
-from .fidelity import _RUN_SEED, side_effect_free, split_batch, stage_fidelity
+from .fidelity import _RUN_SEED, fidelity_and_reports, side_effect_free, split_batch
 from .measure import saved_activation_bytes
 
 
@@ -93,23 +93,17 @@ def diagnose(model: nn.Module, batch: Any) -> list[StageDiagnosis]:
     if policy is not None:
         for decision in policy.decisions:
             reasons[decision.stage] = decision.reason
-    keep = {name: stage.keep_input for name, stage in stages.items()}
     records = []
     with side_effect_free(model):
         ratios, stage_inputs = _residual_ratios(model, stages, images)
-        for stage in stages.values():
-            stage.keep_input = True
         try:
-            fidelity = stage_fidelity(model, stages, images, targets)
+            fidelity, log = fidelity_and_reports(model, stages, images, targets, keep_input=True)
             failed = None
         except (ReconstructionError, AdjointError) as err:
-            fidelity, failed = {}, err
-        finally:
-            for name, stage in stages.items():
-                stage.keep_input = keep[name]
+            fidelity, log, failed = {}, None, err
         for name, stage in stages.items():
             cosine, rel = fidelity.get(name, (float("nan"), float("nan")) if failed else (1.0, 0.0))
-            report = stage.last_backward
+            report = log.report(stage) if log is not None else None
             x_in = stage_inputs[name].requires_grad_(True)
             saved = saved_activation_bytes(stage, lambda stage=stage, x_in=x_in: stage(x_in))
             records.append(
@@ -119,7 +113,7 @@ def diagnose(model: nn.Module, batch: Any) -> list[StageDiagnosis]:
                     depth=len(stage),
                     residual_ratio=ratios[name],
                     reconstruction_error=(
-                        report.reconstruction_error if report is not None and stage.gradient == "adjoint" else None
+                        report.reconstruction_error if report is not None and report.gradient == "adjoint" else None
                     ),
                     grad_cosine=cosine,
                     grad_relative_error=rel,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adjoint import AdjointSequential
+from .adjoint import AdjointSequential, PlanLog, planned
 
 _LOSS_SEED = 1234
 _RUN_SEED = 4321
@@ -38,12 +38,26 @@ def split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise TypeError(f"expected images or (images, targets) tensors, got {type(batch).__name__}")
 
 
-def calibration_loss(outputs: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy with the targets; without them, cross-entropy with fixed pseudo-labels.
+def calibration_loss(outputs: Any, targets: torch.Tensor | None) -> torch.Tensor:
+    """The loss a measurement back-propagates: cross-entropy for logits, a fixed random projection for features.
 
-    Pseudo-labels give the cotangent a training loss has (softmax minus a one-hot), which a fidelity
-    measure should see, rather than an arbitrary direction.
+    Logits: cross-entropy with the targets, or without them with fixed pseudo-labels, which give the cotangent a
+    training loss has (softmax minus a one-hot) rather than an arbitrary direction. Features (a features_only
+    model's list, tuple or dict of maps): the sum over maps of <map, a fixed random direction> / sqrt(size), the
+    cotangent a head the measurement does not know would send, on average. A tensor that is not (batch, classes)
+    (a backbone's feature map) is a feature too.
     """
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, torch.Tensor) and outputs.dim() != 2:
+        outputs = [outputs]  # a backbone's feature map (num_classes=0, global_pool=""), not logits
+    if isinstance(outputs, (list, tuple)):
+        gen = torch.Generator().manual_seed(_LOSS_SEED)
+        total = torch.zeros((), device=outputs[0].device)
+        for feature in outputs:
+            direction = torch.randn(feature.shape, generator=gen).to(feature.device)
+            total = total + (feature.float() * direction).sum() / feature.numel() ** 0.5
+        return total
     outputs = outputs.float()
     if targets is None or targets.dtype.is_floating_point and targets.dim() != 1:
         gen = torch.Generator().manual_seed(_LOSS_SEED)
@@ -116,34 +130,14 @@ def compare(grads: dict[int, torch.Tensor], exact: dict[int, torch.Tensor], para
     return max(-1.0, min(1.0, dot / (g_norm * e_norm))), math.sqrt(d_sq) / e_norm
 
 
-@contextlib.contextmanager
-def _stages_using(stages: dict[str, AdjointSequential], method: str) -> Iterator[None]:
-    """Temporarily give every stage ``method`` (no fallback); afterwards each is as it was, including the
-    report of its own last backward (not the one ``method`` made)."""
-    previous = {
-        name: (stage.scheme, stage.gradient, stage.block_dtype, stage.fallback, stage.last_backward) for name, stage in stages.items()
-    }
-    try:
-        for stage in stages.values():
-            stage.configure(method=method)
-            stage.fallback = False
-        yield
-    finally:
-        for name, stage in stages.items():
-            scheme, gradient, block_dtype, fallback, report = previous[name]
-            stage.configure(scheme=scheme, gradient=gradient, block_dtype=block_dtype)
-            stage.fallback = fallback
-            stage.last_backward = report
+def exact_stages(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[PlanLog]:
+    """Within this context every stage runs plain autograd (the backprop memory baseline); stages unchanged."""
+    return planned(stages, method="backprop", fallback=False)
 
 
-def exact_stages(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[None]:
-    """Temporarily give every stage plain autograd (the backprop memory baseline)."""
-    return _stages_using(stages, "backprop")
-
-
-def exact_reference(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[None]:
-    """Temporarily give every stage the exact per-block method (the fidelity reference, see module doc)."""
-    return _stages_using(stages, "block")
+def exact_reference(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[PlanLog]:
+    """Within this context every stage runs the exact per-block method (the fidelity reference, see module doc)."""
+    return planned(stages, method="block", fallback=False)
 
 
 def exact_gradients(model: nn.Module, stages: dict[str, AdjointSequential], images: torch.Tensor, targets: torch.Tensor | None, params: Sequence[nn.Parameter] | None = None) -> dict[int, torch.Tensor]:
@@ -152,17 +146,9 @@ def exact_gradients(model: nn.Module, stages: dict[str, AdjointSequential], imag
         return gradients(model, images, targets, params)
 
 
-@contextlib.contextmanager
-def no_fallback(stages: dict[str, AdjointSequential]) -> Iterator[None]:
+def no_fallback(stages: dict[str, AdjointSequential]) -> contextlib.AbstractContextManager[PlanLog]:
     """Measure a method as it is: an exact fallback would hide exactly what is being measured."""
-    previous = {name: stage.fallback for name, stage in stages.items()}
-    try:
-        for stage in stages.values():
-            stage.fallback = False
-        yield
-    finally:
-        for name, stage in stages.items():
-            stage.fallback = previous[name]
+    return planned(stages, fallback=False)
 
 
 def stage_fidelity(model: nn.Module, stages: dict[str, AdjointSequential], images: torch.Tensor, targets: torch.Tensor | None) -> dict[str, tuple[float, float]]:
@@ -170,9 +156,17 @@ def stage_fidelity(model: nn.Module, stages: dict[str, AdjointSequential], image
 
     Runs in training mode without side effects; stages without trainable parameters (frozen) are left out.
     """
+    return fidelity_and_reports(model, stages, images, targets)[0]
+
+
+def fidelity_and_reports(
+    model: nn.Module, stages: dict[str, AdjointSequential], images: torch.Tensor, targets: torch.Tensor | None, *, keep_input: bool | None = None
+) -> tuple[dict[str, tuple[float, float]], PlanLog]:
+    """``stage_fidelity``, and what the measured backward reported per stage (its plan, reconstruction error);
+    ``keep_input=True`` makes every measured stage keep its input, so each reports its reconstruction error."""
     params = unique_params(model)
     with side_effect_free(model):
-        with no_fallback(stages):
+        with planned(stages, fallback=False, keep_input=keep_input) as log:
             approx = gradients(model, images, targets, params)
         exact = exact_gradients(model, stages, images, targets, params)
     result = {"": compare(approx, exact, params)}
@@ -180,4 +174,4 @@ def stage_fidelity(model: nn.Module, stages: dict[str, AdjointSequential], image
         stage_params = unique_params(stage)
         if stage_params:
             result[name] = compare(approx, exact, stage_params)
-    return result
+    return result, log

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .adjoint.function import observe_kept_tensors
-
 _MIB = 2.0**20
 _BACKWARD_MARK = "resode::backward"
 
@@ -23,8 +21,8 @@ _BACKWARD_MARK = "resode::backward"
 def saved_activation_bytes(model: nn.Module, run: Callable[[], object]) -> int:
     """Bytes of unique storages autograd saves during ``run()`` (a training forward), parameters excluded.
 
-    Every tensor kept for backward passes through ``saved_tensors_hooks``' pack hook, and what adjoint
-    stages keep for their backward through ``observe_kept_tensors``; views of one storage count once.
+    Every tensor kept for backward passes through ``saved_tensors_hooks``' pack hook (adjoint stages save what
+    they keep through autograd too); views of one storage count once.
     """
     param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[tuple[str, int], int] = {}
@@ -36,7 +34,7 @@ def saved_activation_bytes(model: nn.Module, run: Callable[[], object]) -> int:
             seen[(str(t.device), ptr)] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), observe_kept_tensors(pack):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
     return sum(seen.values())
 
@@ -79,14 +77,44 @@ def _cuda_step_memory(loss_fn: Callable[[], torch.Tensor], device: torch.device)
 
 
 def _cpu_step_memory(loss_fn: Callable[[], torch.Tensor]) -> StepMemory:
+    import contextlib
+    import os
+    import sys
+
     from torch.autograd.profiler import record_function
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    @contextlib.contextmanager
+    def native_stderr_silenced():  # noqa: ANN202
+        # kineto prints 'USDT: … profiler_start/stop' and, without a GPU, 'ERROR: … gpuGetDeviceCount failed'
+        # straight to file descriptor 2 when the profiler starts and stops, with no option to turn them off (its
+        # log level is read once, from the environment, when torch loads): point descriptor 2 at /dev/null for
+        # those two calls only, so the step itself can still warn
+        sys.stderr.flush()
+        try:
+            saved = os.dup(2)
+        except OSError:  # no descriptor 2 to redirect
+            yield
+            return
+        try:
+            with open(os.devnull, "w") as devnull:
+                os.dup2(devnull.fileno(), 2)
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with native_stderr_silenced():
+        prof.__enter__()
+    try:
         loss = loss_fn()
         with record_function(_BACKWARD_MARK):
             loss.backward()
         del loss
+    finally:
+        with native_stderr_silenced():
+            prof.__exit__(*sys.exc_info())
     events = list(prof.profiler.kineto_results.events())
     backward_start = min((e.start_ns() for e in events if e.name() == _BACKWARD_MARK), default=None)
     allocations = sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns())

@@ -7,12 +7,16 @@ depends on the weights. So it is measured, on the model's own training batches:
 1. *Calibration* (the first training step with at least two images, again after 1, 10 and 100 steps —
    fine-tuning moves the weights fastest at the start — then every ``recheck_every`` steps): on up to
    ``sample_images`` images of the batch,
-   the exact gradient (plain autograd) is the reference. Stages are decided from the output side down,
-   each with the stages above already set, trying the methods of ``AUTO_CANDIDATES`` from the least peak
-   memory to the most; the first whose stage *and* whole-model gradient cosine keep within half the
-   allowed error (1 - cosine <= (1 - ``min_cosine``) / 4, a margin so that batches the calibration did not
-   see stay above ``min_cosine``) wins; a reconstruction must also pass on each half of the batch (it
-   depends on the batch's statistics). ``block`` (exact) always qualifies.
+   the exact gradient (every stage with the exact ``block`` method) is the reference. Stages are decided from
+   the output side down, each with the stages above already set, trying the methods of ``AUTO_CANDIDATES``
+   from the least peak memory to the most; the first whose stage *and* whole-model gradient cosine keep
+   within a quarter of the allowed error for a reconstruction (1 - cosine <= (1 - ``min_cosine``) / 4, a
+   margin so that batches the calibration did not see stay above ``min_cosine``), half of it for 16-bit
+   inputs, wins. A reconstruction depends on the batch's statistics, so it must also pass on each half of the
+   batch and on two pairs of its images (an epoch's last batch can be that small), so it needs at least 4
+   calibration images. A method the engine would
+   run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
+   ``block`` (exact) always qualifies.
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -35,10 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adjoint import AdjointError, AdjointSequential, ReconstructionError
-from .adjoint.function import MIN_VALUES_PER_CHANNEL
+from .adjoint import MIN_VALUES_PER_CHANNEL, AdjointError, AdjointSequential, BackwardReport, ReconstructionError, measuring, min_values_per_channel, planned
 from .adjoint.methods import METHODS, get_method
-from .fidelity import compare, exact_gradients, gradients, no_fallback, side_effect_free, split_batch, unique_params
+from .fidelity import compare, exact_gradients, exact_reference, gradients, no_fallback, side_effect_free, split_batch, unique_params
 
 log = logging.getLogger("lightning_resode.policy")
 
@@ -115,15 +118,19 @@ class StagePolicy:
     sync: Callable[[dict[str, str] | None], dict[str, str]] | None = None
     #: this process measures (rank 0); the others only receive the decisions through ``sync``
     leader: bool = True
-    #: the caller runs ``before_step`` itself with real targets (the Lightning module); the model must not
+    #: the caller runs ``before_step`` itself with real targets (the Lightning module); the model's forward
+    #: pre-hook (``attach``) then does nothing
     external: bool = False
     #: how many backward passes replaced an approximate gradient by the exact one
     fallbacks: int = 0
+    #: stages whose method was fixed from outside (``pin``), e.g. by the gradient-fidelity callback
+    pinned: dict[str, str] = field(default_factory=dict)
+    #: the model the policy calibrates (``attach``): a classifier, or a features_only wrapper
+    root: nn.Module | None = field(default=None, repr=False)
     _pending: set[str] = field(default_factory=set)
-    _calibrating: bool = False
     _checked: bool = False
-    _half_probes: list | None = None
-    _values_per_channel: dict | None = None
+    _handles: list = field(default_factory=list)
+    _in_forward: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "check"):
@@ -134,8 +141,7 @@ class StagePolicy:
         unknown = [c for c in self.candidates if c not in METHODS]
         if unknown:
             raise ValueError(f"unknown candidate method(s) {unknown}; valid: {list(METHODS)}")
-        for stage in self.stages.values():
-            stage.on_fallback = self._on_fallback
+        self._handles = [stage.register_report_hook(self._on_report) for stage in self.stages.values()]
         if self.mode == "auto":
             self._pending = set(self.stages)
 
@@ -150,16 +156,76 @@ class StagePolicy:
             return True
         return self.recheck_every > 0 and self.step > 0 and self.step % self.recheck_every == 0
 
-    def before_step(self, model: nn.Module, batch: Any) -> None:
-        """Call before each training forward (the converted model does, and the Lightning module)."""
-        if self._calibrating:
+    def attach(self, model: nn.Module, first_module: nn.Module | None = None) -> None:
+        """Calibrate ``model`` from its own training forwards, so a plain PyTorch loop needs no extra call.
+
+        A forward pre-hook on ``model`` calls ``before_step`` (unless the policy is ``external``); one on
+        ``first_module`` (the module every forward path runs first on the images, e.g. the stem's first conv)
+        does for the paths that bypass ``model.forward``: ``forward_intermediates`` or ``forward_features`` called
+        directly. Each training forward counts once. The hooks do nothing under ``torch.no_grad()``, in eval mode,
+        inside a backward, on tracing proxies, under torch.func transforms or inside a measurement; under
+        ``torch.compile`` they run eagerly (a graph break), never while compiling.
+        """
+        self.root = model
+        self._handles.append(model.register_forward_pre_hook(self._before_forward))
+        self._handles.append(model.register_forward_hook(self._after_forward, always_call=True))
+        if first_module is not None:
+            self._handles.append(first_module.register_forward_pre_hook(self._before_forward))
+
+    def detach(self) -> None:
+        """Remove every hook this policy registered (on the model and on its stages)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @torch.compiler.disable
+    def _before_forward(self, module: nn.Module, args: tuple) -> None:
+        if measuring():
+            return  # a measurement's own forwards (this policy's calibration among them)
+        if module is not self.root and self._in_forward:
+            return  # the model's own forward already counted this step
+        if module is self.root:
+            self._in_forward = True
+        model = self.root
+        if self.external or model is None or not model.training or not torch.is_grad_enabled() or not args:
             return
+        if torch._C._current_autograd_node() is not None:
+            return  # a recomputation inside a backward, not a forward
+        images = args[0]
+        if not isinstance(images, torch.Tensor) or isinstance(images, torch.fx.Proxy) or torch.jit.is_tracing():
+            return
+        transforming = getattr(torch._C, "_are_functorch_transforms_active", None)
+        if transforming is not None and transforming():
+            return
+        self.before_step(model, images)
+
+    @torch.compiler.disable
+    def _after_forward(self, _module: nn.Module, _args: tuple, _output: Any) -> None:
+        if not measuring():
+            self._in_forward = False
+
+    def before_step(self, model: nn.Module, batch: Any) -> None:
+        """Call before each training forward (the model's pre-hook does, see ``attach``, or the Lightning module)."""
+        if measuring():
+            return  # a measurement is not a training step: no calibration, no step count
         images, _ = split_batch(batch)
         if self.due():
             if images.shape[0] < 2:
                 return  # BatchNorm needs two images to measure: stay as is (exact before the first calibration)
             self.calibrate(model, batch)
         self.step += 1
+
+    def _on_report(self, stage: AdjointSequential, report: BackwardReport) -> None:
+        if report.fell_back and (report.plan is None or not report.plan.measurement):
+            self._on_fallback(stage, report.fallback_reason or "exact fallback")
+
+    def pin(self, name: str, method: str, reason: str) -> None:
+        """Fix stage ``name`` to ``method`` from now on (auto no longer measures it), recorded as a decision."""
+        get_method(method)
+        self.pinned[name] = method
+        self._pending.discard(name)
+        self._apply(name, method)
+        self.decisions.append(PolicyDecision(name, method, self.step, float("nan"), float("nan"), f"{method}: {reason}"))
 
     def _on_fallback(self, stage: AdjointSequential, reason: str) -> None:
         name = next((n for n, s in self.stages.items() if s is stage), stage.display_name)
@@ -169,7 +235,7 @@ class StagePolicy:
             log.warning("stage %s: %s; this step's gradient was recomputed exactly", name, reason)
             return
         log.warning("stage %s: %s; this step's gradient was recomputed exactly, recalibrating", name, reason)
-        if self.mode == "auto":
+        if self.mode == "auto" and name not in self.pinned:
             self._pending.add(name)
 
     # ------------------------------------------------------------------ calibration
@@ -182,16 +248,16 @@ class StagePolicy:
             raise ValueError(f"calibration needs at least 2 images (BatchNorm), got {images.shape[0]}")
         if targets is not None and (targets.dim() != 1 or targets.dtype.is_floating_point):
             targets = None  # soft targets (mixup): calibrate with pseudo-labels
-        self._calibrating = True
-        try:
+        with torch.enable_grad():  # a measurement needs gradients, whatever the caller's mode
             if self.mode == "check":
-                new = self._check(model, images, targets)
-                self._checked = True
+                if not bool(torch.isfinite(images).all()):
+                    log.warning("the batch has NaN/inf values: the explicit scheme(s) are checked on the next batch")
+                    return []
+                new, all_measured = self._check(model, images, targets)
+                self._checked = all_measured
             else:
                 new = self._choose(model, images, targets)
                 self._pending.clear()
-        finally:
-            self._calibrating = False
         self.decisions.extend(new)
         return new
 
@@ -204,37 +270,40 @@ class StagePolicy:
         params = unique_params(model)
         stages = self.stages
         new: list[PolicyDecision] = []
+        # every probe runs a method as it is (no fallback), starting from the exact method everywhere
+        chosen = {name: self.pinned.get(name, "block") for name in stages}
+        bounds: dict[str, float] = {}
         with side_effect_free(model), no_fallback(stages):
-            exact = exact_gradients(model, stages, images, targets, params)
-            # per stage, how many values its BatchNorms normalise over on these images (before any half-batch probe)
-            self._values_per_channel = {name: stage.last_values_per_channel for name, stage in stages.items()}
-            self._half_probes = None
-            previous = {name: stage.method for name, stage in stages.items()}
-            for stage in stages.values():
-                stage.configure(method="block")
-            try:
-                for name in reversed(list(stages)):
-                    stage = stages[name]
-                    decision = self._choose_stage(model, name, stage, images, targets, params, exact)
-                    if decision.method != previous[name] or not any(d.stage == name for d in self.decisions):
-                        new.append(decision)
-            finally:
-                self._half_probes = None  # gradients and images: not kept
-        methods = {name: stage.method for name, stage in stages.items()}
+            with exact_reference(stages) as reference:
+                exact = gradients(model, images, targets, params)
+            subsets: list = []  # halves and pairs of the batch with their exact gradients, made when first needed
+            for name in reversed(list(stages)):
+                if name in self.pinned:
+                    continue
+                plan = reference.plan(stages[name])
+                values = plan.values_per_channel if plan is not None else None
+                decision = self._choose_stage(model, name, images, targets, params, exact, chosen, values, subsets)
+                chosen[name] = decision.method
+                if decision.reconstruction_error is not None and get_method(decision.method).gradient == "adjoint":
+                    bounds[name] = max(ERROR_GROWTH * decision.reconstruction_error, ERROR_FLOOR)
+                if decision.method != stages[name].method or not any(d.stage == name for d in self.decisions):
+                    new.append(decision)
+        methods = dict(chosen)
         if self.sync is not None:
             methods = self.sync(methods)
         for name, method in methods.items():
-            self._apply(name, method)
+            self._apply(name, method, bounds.get(name))
         for decision in new:
             log.info("stage %s: %s", decision.stage, decision.reason)
         return new[::-1]
 
-    def _choose_stage(self, model, name, stage, images, targets, params, exact) -> PolicyDecision:  # noqa: ANN001
-        values = (self._values_per_channel or {}).get(name)
+    def _choose_stage(self, model, name, images, targets, params, exact, chosen, values, subsets) -> PolicyDecision:  # noqa: ANN001
+        """The first candidate (cheapest first) whose gradient holds for stage ``name``, the stages above it using
+        what they were given (``chosen``), those below the exact method."""
+        stage = self.stages[name]
         if values is not None and values < MIN_VALUES_PER_CHANNEL:
             # the engine runs every method exactly there (see MIN_VALUES_PER_CHANNEL): nothing to measure, and
             # a larger training batch would use an approximation this calibration never saw
-            stage.configure(method="block")
             reason = (
                 f"block: exact; the calibration images give {values} values per BatchNorm channel here "
                 f"(< {MIN_VALUES_PER_CHANNEL}), too few to measure an approximation (the state is small)"
@@ -247,77 +316,87 @@ class StagePolicy:
             margin = SAFETY_MARGIN if spec.gradient == "adjoint" else ROUNDING_MARGIN
             required = 1.0 - margin * (1.0 - self.min_cosine)
             if spec.exact:
-                stage.configure(method=method)
                 reason = f"{method}: exact" + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
                 return PolicyDecision(name, method, self.step, 1.0, 1.0, reason)
-            # a reconstruction depends on the batch's statistics: it must also hold on each half of the batch
+            needed = min_values_per_channel(spec.gradient, spec.block_dtype)
+            if values is not None and values < needed:
+                # the engine would run it exactly on these images: what it does on larger batches is not measured here
+                tried.append(f"{method} not measurable ({values} < {needed} values per channel)")
+                continue
+            # a reconstruction depends on the batch's statistics: it must also hold on each half of the batch and
+            # on pairs of images (a training batch can be that small: an epoch's last), as the engine runs it there
+            if spec.gradient == "adjoint" and images.shape[0] < 4:
+                tried.append(f"{method} not verifiable on {images.shape[0]} images (its halves and pairs need 4)")
+                continue
             probes = [(images, targets, exact)]
-            if spec.gradient == "adjoint" and images.shape[0] >= 4:
-                probes += self._halves(model, images, targets, params)
+            if spec.gradient == "adjoint":
+                if not subsets:
+                    subsets += self._subsets(model, images, targets, params)
+                probes += subsets
+            methods = {self.stages[n]: m for n, m in chosen.items()}
+            methods[stage] = method
             cosine = model_cosine = 1.0
             error = None
             try:
-                stage.configure(method=method)
-                keep = stage.keep_input
-                stage.keep_input = True
-                try:
-                    for probe_images, probe_targets, probe_exact in probes:
+                for probe_images, probe_targets, probe_exact in probes:
+                    with planned(self.stages, methods=methods), planned([stage], keep_input=True) as probe:
                         grads = gradients(model, probe_images, probe_targets, params)
-                        if probe_images is images:
-                            report = stage.last_backward
-                            error = report.reconstruction_error if report is not None else None
-                        cosine = min(cosine, compare(grads, probe_exact, stage_params)[0])
-                        model_cosine = min(model_cosine, compare(grads, probe_exact, params)[0])
-                        if not min(cosine, model_cosine) >= required:
-                            break
-                finally:
-                    stage.keep_input = keep
+                    if probe_images is images:
+                        report = probe.report(stage)
+                        error = report.reconstruction_error if report is not None else None
+                    cosine = min(cosine, compare(grads, probe_exact, stage_params)[0])
+                    model_cosine = min(model_cosine, compare(grads, probe_exact, params)[0])
+                    if not min(cosine, model_cosine) >= required:
+                        break
             except (ReconstructionError, AdjointError) as err:  # never an out-of-memory error: that must surface
                 tried.append(f"{method} failed ({type(err).__name__})")
                 continue
             if math.isfinite(cosine) and min(cosine, model_cosine) >= required:
-                if spec.gradient == "adjoint" and error is not None:
-                    stage.max_reconstruction_error = max(ERROR_GROWTH * error, ERROR_FLOOR)
                 reason = (
                     f"{method}: gradient cosine {cosine:.5f} (stage), {model_cosine:.5f} (model) >= {required:.4g}"
                     + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
                 )
                 return PolicyDecision(name, method, self.step, cosine, model_cosine, reason, error)
             tried.append(f"{method} {min(cosine, model_cosine):.4f}")
-        stage.configure(method="block")
         return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached its bound ({', '.join(tried)})")
 
-    def _halves(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, params) -> list:  # noqa: ANN001
-        """The two halves of the calibration batch with their exact gradients (computed once per calibration)."""
-        if self._half_probes is None:
-            half = images.shape[0] // 2
-            probes = []
-            for part in (slice(0, half), slice(half, 2 * half)):
-                part_targets = None if targets is None else targets[part]
-                probes.append((images[part], part_targets, exact_gradients(model, self.stages, images[part], part_targets, params)))
-            self._half_probes = probes
-        return self._half_probes
+    def _subsets(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, params) -> list:  # noqa: ANN001
+        """The two halves of the calibration batch and its first two pairs of images, with their exact gradients."""
+        half = images.shape[0] // 2
+        probes = []
+        for part in (slice(0, half), slice(half, 2 * half), slice(0, 2), slice(2, 4)):
+            part_targets = None if targets is None else targets[part]
+            probes.append((images[part], part_targets, exact_gradients(model, self.stages, images[part], part_targets, params)))
+        return probes
 
-    def _apply(self, name: str, method: str) -> None:
+    def _apply(self, name: str, method: str, bound: float | None = None) -> None:
         stage = self.stages[name]
         stage.configure(method=method)
+        if bound is not None:
+            stage.max_reconstruction_error = bound
         # a reconstruction is watched every step, a 16-bit block input checked for overflow: an exact
         # recomputation replaces a bad gradient, and the stage is measured again
         spec = get_method(method)
         stage.fallback = spec.gradient == "adjoint" or (spec.gradient == "block" and spec.block_dtype is not None)
 
-    def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> list[PolicyDecision]:
+    def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> tuple[list[PolicyDecision], bool]:
+        """Decisions for the explicit approximate stages, and whether each one's method really ran (a stage whose
+        BatchNorm sees too few values here runs exactly: it is checked again on the next batch)."""
         params = unique_params(model)
         stages = {n: s for n, s in self.stages.items() if not get_method(s.method).exact}
         new: list[PolicyDecision] = []
         if not stages:
-            return new
-        with side_effect_free(model), no_fallback(self.stages):
+            return new, True
+        with side_effect_free(model), no_fallback(self.stages) as ran:
             exact = exact_gradients(model, self.stages, images, targets, params)
             try:
                 grads = gradients(model, images, targets, params)
             except (ReconstructionError, AdjointError) as err:
                 grads, failure = None, f"{type(err).__name__}: {err}"
+        unmeasured = {n: ran.plan(s) for n, s in stages.items() if ran.plan(s) is not None and ran.plan(s).method != s.method}
+        for name, plan in unmeasured.items():
+            new.append(PolicyDecision(name, plan.configured_method, self.step, float("nan"), float("nan"), f"{plan.configured_method} (explicit): not measured on this batch: {plan.reason}"))
+        stages = {n: s for n, s in stages.items() if n not in unmeasured}
         for name, stage in stages.items():
             if grads is None:
                 cosine = model_cosine = float("nan")
@@ -341,14 +420,15 @@ class StagePolicy:
                 )
             else:
                 log.info("stage %s: %s", name, reason)
-        if grads is not None and not min(d.model_grad_cosine for d in new) >= self.min_cosine:
+        measured = [d for d in new if d.stage in stages]
+        if grads is not None and measured and not min(d.model_grad_cosine for d in measured) >= self.min_cosine:
             warnings.warn(
-                f"the whole model's gradient cosine against exact backprop is {new[0].model_grad_cosine:.4f} on this "
-                f"batch with the explicit scheme(s) {sorted({d.method for d in new})}, below {self.min_cosine}",
+                f"the whole model's gradient cosine against exact backprop is {measured[0].model_grad_cosine:.4f} on "
+                f"this batch with the explicit scheme(s) {sorted({d.method for d in measured})}, below {self.min_cosine}",
                 UserWarning,
                 stacklevel=2,
             )
-        return new
+        return new, not unmeasured
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -360,6 +440,7 @@ class StagePolicy:
             "step": self.step,
             "pending": sorted(self._pending),
             "checked": self._checked,
+            "pinned": dict(self.pinned),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -374,6 +455,9 @@ class StagePolicy:
         self.step = int(state.get("step", 0))
         self._pending = set(state.get("pending", [])) & set(self.stages)
         self._checked = bool(state.get("checked", False))
+        self.pinned = {n: m for n, m in state.get("pinned", {}).items() if n in self.stages}
+        for name, method in self.pinned.items():
+            self._apply(name, method)
 
     def methods(self) -> dict[str, str]:
         return {name: stage.method for name, stage in self.stages.items()}

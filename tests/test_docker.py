@@ -281,3 +281,15 @@ def test_gpu_check_wrapper_runs_the_script_and_refuses_without_a_gpu(tmp_path: P
         env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "--dry-run" in result.stderr, result.stderr
+
+
+def test_gpu_engine_check_dry_run_measures_every_contract(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("gpu_engine_check", SCRIPTS / "gpu_engine_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--dry-run", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "gpu_engine_check.json").read_text()) == json.loads(json.dumps(report))
+    cosines = report["method_cosines"]
+    assert cosines["block"] > 0.999999 and cosines["block_fp16"] > 0.99 and set(cosines["auto_methods"]) == {"layer1", "layer2", "layer3", "layer4"}
+    assert report["functional_call_cosine"] > 0.999999 and report["retain_graph_cosine"] > 0.999999
+    assert report["save_on_cpu"]["offloaded_time_ratio"] > 0

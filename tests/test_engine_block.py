@@ -86,7 +86,7 @@ def test_with_fallback_an_overflow_gives_the_exact_gradient_and_tells_the_policy
     stage = AdjointSequential(copy.deepcopy(blocks), exact_head=1).configure(method="block_fp16")
     stage.fallback = True
     told: list[str] = []
-    stage.on_fallback = lambda s, reason: told.append(reason)
+    stage.register_report_hook(lambda s, report: told.append(report.fallback_reason) if report.fell_back else None)
     got_p, got_x = _grads(stage, x)
     torch.testing.assert_close(got_p, exact_p, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(got_x, exact_x, rtol=1e-9, atol=1e-9)

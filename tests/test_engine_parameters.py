@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lightning_resode import AdjointSequential
-from lightning_resode.adjoint.function import AdjointStageFunction, StageStepFunction
+from lightning_resode.adjoint.function import StageCheckpoint, StageExit
 from lightning_resode.ode_models import OdeResidualBlock
 from stacks import smooth_blocks
 
@@ -97,7 +97,7 @@ def test_gradient_accumulation_over_micro_batches_equals_the_full_batch():
 
 
 def _uses_adjoint_function(out: torch.Tensor) -> bool:
-    engine = (AdjointStageFunction.__name__, StageStepFunction.__name__)
+    engine = (StageCheckpoint.__name__, StageExit.__name__)
     return out.grad_fn is not None and any(name in type(out.grad_fn).__name__ for name in engine)
 
 

@@ -159,3 +159,66 @@ def test_averaged_model_is_what_weight_averaging_validates_with(tmp_path: Path) 
         "EMAWeightAveraging no longer keeps its AveragedModel in _average_model; update "
         "lightning_resode/lit/_lightning_private.py"
     )
+
+
+def _class_sources(module: Any) -> dict[str, str]:
+    """Top-level class name -> its source text, parsed from the module's file."""
+    import ast
+
+    text = Path(module.__file__).read_text()
+    return {
+        node.name: ast.get_source_segment(text, node) or ""
+        for node in ast.parse(text).body
+        if isinstance(node, ast.ClassDef)
+    }
+
+
+def _lightning_private_uses() -> dict[tuple[str, str], str]:
+    """(Lightning class, private method) -> where a lightning-resode subclass overrides or calls it."""
+    import importlib
+    import inspect
+    import pkgutil
+    import re
+
+    import lightning_resode
+
+    uses: dict[tuple[str, str], str] = {}
+    for info in pkgutil.walk_packages(lightning_resode.__path__, "lightning_resode."):
+        if info.name.endswith("__main__"):
+            continue
+        module = importlib.import_module(info.name)
+        for cls in [c for c in vars(module).values() if inspect.isclass(c) and c.__module__ == module.__name__]:
+            bases = [b for b in cls.__mro__[1:] if b.__module__.split(".")[0] == "lightning"]
+            # the class's text from its own file (inspect.getsource goes through linecache, which another test's
+            # reload or a stale cache can leave pointing at other text); overrides are found in vars(cls) anyway
+            source = _class_sources(module).get(cls.__qualname__, "")
+            names = set(vars(cls)) | set(re.findall(r"(?:self|super\(\))\.(_[a-z]\w*)\(", source))
+            for name in sorted(n for n in names if n.startswith("_") and not n.startswith("__") and not n.startswith("_abc")):
+                owner = next((b for b in bases if name in vars(b)), None)
+                if owner is not None:
+                    uses[(f"{owner.__module__}.{owner.__qualname__}", name)] = f"{cls.__module__}.{cls.__qualname__}"
+    return uses
+
+
+def test_every_lightning_private_method_we_override_or_call_is_listed_with_why() -> None:
+    from lightning_resode.lit._lightning_private import LIGHTNING_PRIVATE_METHODS
+
+    unlisted = {key: where for key, where in _lightning_private_uses().items() if key not in LIGHTNING_PRIVATE_METHODS}
+    assert not unlisted, (
+        f"these subclasses override or call Lightning private methods not listed in "
+        f"lit/_lightning_private.LIGHTNING_PRIVATE_METHODS (add each with its parameters and why): {unlisted}"
+    )
+
+
+def test_the_lightning_private_methods_we_rely_on_still_exist_with_the_same_parameters() -> None:
+    import importlib
+    import inspect
+
+    from lightning_resode.lit._lightning_private import LIGHTNING_PRIVATE_METHODS
+
+    for (qualified, name), (parameters, why) in LIGHTNING_PRIVATE_METHODS.items():
+        module_name, _, class_name = qualified.rpartition(".")
+        owner = getattr(importlib.import_module(module_name), class_name)
+        assert name in vars(owner), f"Lightning's {qualified} no longer has {name} (we need it: {why})"
+        got = tuple(inspect.signature(getattr(owner, name)).parameters)
+        assert got == parameters, f"Lightning's {qualified}.{name} now takes {got}, not {parameters} (we need it: {why})"

@@ -230,3 +230,26 @@ def test_per_stage_rows_land_in_a_wandb_table(tmp_path: Path) -> None:
     assert all(0.9 < r["grad_cosine"] <= 1.0 + 1e-6 and r["fallback"] is False for r in fidelity)
     memory = rows("mem/stages")
     assert [r["step"] for r in memory] == steps and all(r["activations_mib"] < r["activations_backprop_mib"] for r in memory)
+
+
+def test_compile_trains_the_network_in_place_with_the_same_keys(tmp_path: Path) -> None:
+    seen: list[float] = []
+
+    class _Loss(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+            seen.append(float(outputs["loss"]))
+
+    pl.seed_everything(0)
+    options = dict(model_kwargs={"channels": [8, 16, 16, 16], "stem_width": 8}, optimizer="sgd", lr=0.1, scheduler="none")
+    model = ResodeClassifier("resnet18", num_classes=3, compile="aot_eager", **options)
+    plain_keys = list(ResodeClassifier("resnet18", num_classes=3, **options).state_dict())
+    assert model.model._compiled_call_impl is not None and list(model.state_dict()) == plain_keys
+    trainer = pl.Trainer(
+        default_root_dir=tmp_path, max_epochs=1, logger=False, callbacks=[_Loss()], enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=1, enable_checkpointing=False,
+    )
+    trainer.fit(model, datamodule=SyntheticDataModule(num_classes=3, image_size=32, train_samples=16, val_samples=4, batch_size=8))
+    assert len(seen) == 2 and all(torch.isfinite(torch.tensor(seen)))
+    assert model.policy is not None and model.policy.decisions  # calibrated (eagerly) inside the compiled model
+    with pytest.raises(ValueError, match=r"unknown torch.compile backend 'nope'; valid: \["):
+        ResodeClassifier("resnet18", num_classes=3, compile="nope", **options)

@@ -15,14 +15,18 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_same_seed_gives_bit_identical_weights() -> None:
-    first, info_a = train("resnet50", False, size="small", seed=0)
+def test_same_seed_gives_bit_identical_weights(trained_small) -> None:
+    cached = trained_small("resnet50", False)  # trained by this or another process with the same recipe
+    info_a = cached.info
     second, info_b = train("resnet50", False, size="small", seed=0)
-    a, b = _state(first), _state(second)
+    a, b = _state(cached.model), _state(second)
     assert a.keys() == b.keys()
     different = [k for k in a if not torch.equal(a[k], b[k])]
     assert not different, f"parameters differ between two trainings with the same seed: {different[:5]}"
-    assert info_a["held_out_accuracy"] == info_b["held_out_accuracy"] and info_a["stages"] == info_b["stages"]
+    assert info_a["held_out_accuracy"] == info_b["held_out_accuracy"]
+    # measured in float32 after training, by whatever thread count each process had: equal up to rounding
+    for stage, stats in info_a["stages"].items():
+        assert stats == pytest.approx(info_b["stages"][stage], rel=1e-5), stage
     # and training actually moved the weights away from the initialisation
     init = _state(create_untrained("resnet50", False, size="small", seed=0))
     assert not torch.equal(init["layer3.1.conv2.weight"], a["layer3.1.conv2.weight"])

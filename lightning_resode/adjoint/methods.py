@@ -72,10 +72,15 @@ def get_method(name: str) -> Method:
         raise ValueError(f"unknown scheme {name!r}; valid: {list(METHODS)}") from None
 
 
+def method_of(gradient: str, scheme: str, block_dtype: torch.dtype | None) -> str:
+    """The method name an engine mode, scheme and stored dtype correspond to."""
+    if gradient == "adjoint":
+        return scheme
+    if gradient == "block":
+        return {torch.float16: "block_fp16", torch.bfloat16: "block_bf16"}.get(block_dtype, "block")
+    return gradient
+
+
 def method_name(stage: "AdjointSequential") -> str:
     """The method name a stage's settings correspond to."""
-    if stage.gradient == "adjoint":
-        return stage.scheme
-    if stage.gradient == "block":
-        return {torch.float16: "block_fp16", torch.bfloat16: "block_bf16"}.get(stage.block_dtype, "block")
-    return stage.gradient
+    return method_of(stage.gradient, stage.scheme, stage.block_dtype)

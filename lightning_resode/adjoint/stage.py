@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .errors import AdjointError, ShapeChangeError
-from .function import AdjointStageFunction, BackwardReport, StageEntryFunction, StageRun, StageStepFunction
+from .function import run_chain, run_checkpoint
+from .plan import PlanLog, planned_gradient
+from .report import BackwardReport
 from .schemes import SCHEMES, get_scheme
+from .tape import ParameterBinding, Tape
 
 Gradient = Literal["adjoint", "block", "checkpoint", "backprop"]
 GRADIENTS: tuple[str, ...] = ("adjoint", "block", "checkpoint", "backprop")
@@ -50,9 +56,9 @@ class AdjointSequential(nn.Module):
         check_finite: raise ``ReconstructionError`` on non-finite reconstructions (one sync per backward).
         fallback: instead of raising, replace an adjoint backward whose reconstruction is non-finite or whose
             measured reconstruction error exceeds ``max_reconstruction_error``, or a 16-bit ``block`` backward
-            whose stored input overflowed that type, by the exact gradient,
-            recomputed from the stored stage input (kept for that purpose), and call ``on_fallback(stage,
-            reason)`` so a policy can move the stage to a safer method. The auto policy turns this on.
+            whose stored input overflowed that type, by the exact gradient, recomputed from the stored stage input
+            (kept for that purpose); the backward's report says so (``fell_back``), so a policy watching the
+            stage's report hooks can move it to a safer method. The auto policy turns this on.
         max_reconstruction_error: the relative reconstruction error at the stage input above which
             ``fallback`` replaces the gradient (measured for free where the stage has an exact head).
         preserve_rng_state: replay dropout / drop-path draws in recomputation.
@@ -87,12 +93,10 @@ class AdjointSequential(nn.Module):
         self.check_finite = check_finite
         self.preserve_rng_state = preserve_rng_state
         self.name = name
-        self.last_backward: BackwardReport | None = None
-        #: values per BatchNorm channel (batch × spatial) of the last training call's residual state
-        self.last_values_per_channel: int | None = None
         self.fallback = fallback
         self.max_reconstruction_error = max_reconstruction_error
-        self.on_fallback: Callable[["AdjointSequential", str], None] | None = None
+        self._report_hooks: OrderedDict[int, Callable[["AdjointSequential", BackwardReport], None]] = OrderedDict()
+        self._last_report: BackwardReport | None = None
         self.configure(
             scheme=scheme,
             gradient=gradient,
@@ -172,10 +176,33 @@ class AdjointSequential(nn.Module):
 
         return method_name(self)
 
-    def note_fallback(self, reason: str) -> None:
-        """Called by the backward when ``fallback`` replaced an approximate gradient by the exact one."""
-        if self.on_fallback is not None:
-            self.on_fallback(self, reason)
+    # ------------------------------------------------------------------ reports out
+    def register_report_hook(self, hook: Callable[["AdjointSequential", BackwardReport], None]) -> RemovableHandle:
+        """Call ``hook(stage, report)`` after each backward of this stage (like ``register_forward_hook``).
+
+        The report says what the call ran (its ``plan``: method, and why it differs from the stage's), the
+        reconstruction error where the exact input was kept, block forwards, and whether an exact fallback
+        replaced the gradient. Measurement calls (``lightning_resode.adjoint.planned``) report too, with
+        ``report.plan.measurement`` set. Returns a handle whose ``remove()`` unregisters the hook.
+        """
+        handle = RemovableHandle(self._report_hooks)
+        self._report_hooks[handle.id] = hook
+        return handle
+
+    @property
+    def last_backward(self) -> BackwardReport | None:
+        """The report of this stage's last training backward (measurements excluded); for interactive use —
+        programs that act on reports should register a hook instead."""
+        return self._last_report
+
+    def _publish(self, report: BackwardReport, logs: tuple[PlanLog, ...]) -> None:
+        """Hand one backward's report out: to the measurement contexts it ran under, and to the hooks."""
+        if report.plan is None or not report.plan.measurement:
+            self._last_report = report
+        for log in logs:
+            log.reports[id(self)] = report
+        for hook in list(self._report_hooks.values()):
+            hook(self, report)
 
     @property
     def _blocks(self) -> list[nn.Module]:
@@ -202,23 +229,12 @@ class AdjointSequential(nn.Module):
     def display_name(self) -> str:
         return self.name or f"AdjointSequential({len(self)} blocks)"
 
-    # ------------------------------------------------------------------ structure used by the Function
+    # ------------------------------------------------------------------ structure
     def head_blocks(self) -> list[nn.Module]:
         return self._blocks[: self.exact_head]
 
     def residual_block(self, n: int) -> nn.Module:
         return self._modules[str(self.exact_head + n)]
-
-    def params_of_step(self, s: int, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        return self._params_in([self.residual_block(n) for n in self.scheme_impl.blocks_of_step(s)], params)
-
-    def params_of_head(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
-        return self._params_in(self.head_blocks(), params)
-
-    @staticmethod
-    def _params_in(blocks: list[nn.Module], params: list[nn.Parameter]) -> list[nn.Parameter]:
-        wanted = {id(p) for block in blocks for p in block.parameters()}
-        return [p for p in params if id(p) in wanted]
 
     def batchnorm_modules(self, blocks: Iterable[nn.Module] | None = None) -> list[nn.Module]:
         """BatchNorm-like modules (with a batch counter) of the stage, or of the given blocks."""
@@ -257,51 +273,64 @@ class AdjointSequential(nn.Module):
                 )
 
     # ------------------------------------------------------------------ forward
-    def _trainable_params(self) -> list[nn.Parameter]:
-        seen: dict[int, nn.Parameter] = {}
-        for p in self.parameters():
-            if p.requires_grad:
-                seen.setdefault(id(p), p)
-        return list(seen.values())
-
     def plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The stage's function with ordinary autograd (what eval, no_grad and ``gradient='backprop'`` run)."""
         for block in self.head_blocks():
             x = block(x)
         evaluate = lambda n, h, key: self.residual_block(n)(h)  # noqa: E731
+        traced = _traced(x)
         for s in range(self.num_steps):
             out, _ = self.scheme_impl.step(s, x, evaluate)
-            self.check_shape(s, x, out)
+            if not traced:  # a traced shape is symbolic: the plain network's own ops are what tracing records
+                self.check_shape(s, x, out)
             x = out
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gradient == "backprop" or not (self.training and torch.is_grad_enabled()):
+        if not (self.training and torch.is_grad_enabled()) or _traced(x):
             return self.plain_forward(x)
-        params = self._trainable_params()
-        if not params and not x.requires_grad:
+        return self._training_forward(x)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            f"stage {self.display_name}: TorchScript cannot compile an adjoint stage's training engine; script the "
+            "plain network instead: lightning_resode.from_adjoint(model) (same weights and state_dict keys)"
+        )
+
+    @torch.compiler.disable
+    def _training_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The memory-free forward, run eagerly under ``torch.compile`` (one graph break per stage: its nodes call
+        autograd from their backward, which a compiled graph cannot hold)."""
+        if _functorch_transforming():
+            warnings.warn(
+                f"stage {self.display_name}: under a torch.func transform (grad, vjp, vmap, …) the stage runs plain "
+                "autograd: exact gradients, but every activation is kept. The memory-free backward needs "
+                "torch.autograd (loss.backward(), torch.autograd.grad), which torch.func.functional_call supports",
+                UserWarning,
+                stacklevel=2,
+            )
+            return self.plain_forward(x)
+        gradient = planned_gradient(self)
+        if gradient == "backprop":
+            return self.plain_forward(x)
+        binding = ParameterBinding.capture(self._blocks)
+        if not binding.trainable and not x.requires_grad:
             return self.plain_forward(x)
         self._reject_sync_batchnorm()
-        if self.gradient == "checkpoint":
-            return AdjointStageFunction.apply(StageRun(self, params), x, *params)
-        # adjoint / block: the exact head (if any) is one autograd node, then one node per residual step
-        # (see StageEntryFunction: each node's backward holds only its own incoming gradient)
-        head_params = self.params_of_head(params)
-        head = None
-        if self.exact_head > 0:
-            head = StageRun(self, head_params, part="head")
-            head_input = x.detach()
-            x = AdjointStageFunction.apply(head, x, *head_params)
-            if self.num_steps == 0:
-                return x
-        residual_params = self._params_in(self._blocks[self.exact_head :], params)
-        run = StageRun(
-            self, residual_params, part="residual" if head else "all", head_run=head, head_input=head_input if head else None
-        )
-        h = StageEntryFunction.apply(run, x, *residual_params)
-        for s in range(self.num_steps):
-            h = StageStepFunction.apply(run, s, h)
-        return h
+        tape = Tape(self, binding, x)
+        if gradient == "checkpoint" or self.exact_head == len(self):
+            return run_checkpoint(tape, x)
+        return run_chain(tape, x)
+
+
+def _traced(x: torch.Tensor) -> bool:
+    """FX symbolic tracing or TorchScript tracing: they record the plain forward's ops."""
+    return isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()
+
+
+def _functorch_transforming() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def _is_batchnorm(module: nn.Module) -> bool:

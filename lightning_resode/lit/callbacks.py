@@ -7,6 +7,7 @@ statistics and RNG state restored afterwards, so sampling never changes the trai
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from torch import nn
 from ..adjoint import AdjointError, ReconstructionError
 from ..adjoint.methods import METHODS
 from ..convert import adjoint_stages, from_adjoint, policy_of
+from ..adjoint import planned
 from ..fidelity import exact_stages, side_effect_free, stage_fidelity
 from ..measure import peak_per_image, saved_activation_bytes
 from ._lightning_private import logging_step, optimizer_stepped_on_this_batch
@@ -102,19 +104,14 @@ class MemoryMonitor(pl.Callback):
     def _peak_per_image(self, trainer: pl.Trainer, model: nn.Module, images: torch.Tensor) -> float:
         """Peak of a training step per image on k and 2k copies of the sample (gradients of the model untouched)."""
         grads = {p: p.grad for p in model.parameters()}
-        policy = policy_of(model)
-        calibrating = policy._calibrating if policy is not None else False
         try:
-            if policy is not None:
-                policy._calibrating = True  # a measurement is not a training step: no calibration, no step count
-            with side_effect_free(model), trainer.precision_plugin.forward_context():
+            # a measurement (not a training step: no calibration, no step count, no fallback report)
+            with side_effect_free(model), planned(adjoint_stages(model)), trainer.precision_plugin.forward_context():
                 result = peak_per_image(
                     model, lambda b: images.repeat((b + len(images) - 1) // len(images), 1, 1, 1)[:b].clone(),
                     small=len(images), large=2 * len(images), warmup=False,
                 )
         finally:
-            if policy is not None:
-                policy._calibrating = calibrating
             for p, g in grads.items():
                 p.grad = g
         return result.mib_per_image
@@ -217,11 +214,22 @@ class GradientFidelity(pl.Callback):
                 return {"": -1.0, **{name: -1.0 for name in stages}}  # the method failed outright on this batch
         return {name: cosine for name, (cosine, _) in fidelity.items()}
 
+    def _switch(self, model: nn.Module, name: str, reason: str) -> None:
+        """Move a stage to the exact method for good: through the stage policy where there is one (its owner)."""
+        policy = policy_of(model)
+        if policy is not None and name in policy.stages:
+            policy.pin(name, self.fallback_method, reason)
+        else:
+            stage = adjoint_stages(model)[name]
+            stage.configure(method=self.fallback_method)
+            stage.fallback = False
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        stages = adjoint_stages(_network(pl_module))
+        model = _network(pl_module)
+        stages = adjoint_stages(model)
         for name in self.switched:  # re-apply fallbacks after a resume
             if name in stages:
-                stages[name].configure(method=self.fallback_method)
+                self._switch(model, name, "switched by GradientFidelity before the resume")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not _due(trainer, self.every_n_steps):
@@ -247,9 +255,8 @@ class GradientFidelity(pl.Callback):
             if not name or name in self.switched:
                 continue
             worst = float(pl_module.all_gather(torch.tensor(value, device=pl_module.device)).min())
-            if worst < self.threshold:
-                stages[name].configure(method=self.fallback_method)
-                stages[name].fallback = False
+            if worst < self.threshold and name in stages:
+                self._switch(model, name, f"GradientFidelity measured a gradient cosine of {worst:.4f} < {self.threshold}")
                 self.switched.append(name)
                 rank_zero_warn(
                     f"stage {name}: gradient cosine {worst:.4f} < {self.threshold}; switched it to "
@@ -276,20 +283,32 @@ class ReconstructionMonitor(pl.Callback):
         _check_every(every_n_steps)
         self.every_n_steps, self.keep_input = every_n_steps, keep_input
         self.last_errors: dict[str, float] = {}
+        self._latest: dict[str, float] = {}
+        self._handles: list = []
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.keep_input:
-            for stage in adjoint_stages(_network(pl_module)).values():
+        for name, stage in adjoint_stages(_network(pl_module)).items():
+            if self.keep_input:
                 stage.keep_input = True
+            self._handles.append(stage.register_report_hook(functools.partial(self._record, name)))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _record(self, name: str, _stage: Any, report: Any) -> None:
+        if report.plan is not None and report.plan.measurement:
+            return  # a fidelity or memory measurement, not the training step
+        if report.reconstruction_error is None:
+            self._latest.pop(name, None)
+        else:
+            self._latest[name] = report.reconstruction_error
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not _due(trainer, self.every_n_steps):
             return
-        errors = {}
-        for name, stage in adjoint_stages(_network(pl_module)).items():
-            report = stage.last_backward
-            if report is not None and report.reconstruction_error is not None:
-                errors[name] = report.reconstruction_error
+        errors = dict(self._latest)
         if errors:
             metrics = {f"adjoint/recon_error/{name}": value for name, value in errors.items()}
             _log(trainer, {"adjoint/recon_error": max(errors.values()), **metrics})

@@ -25,6 +25,10 @@ class ImageReadError(RuntimeError):
     """An image file is missing or cannot be decoded; the message names the file."""
 
 
+class ClassMismatchError(ValueError):
+    """A split's class folders differ from the training split's: the same label would mean another class."""
+
+
 def model_data_config(datamodule: pl.LightningDataModule, **overrides: Any) -> dict[str, Any]:
     """timm's data config (``input_size``, ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``) for
     the model this DataModule feeds, with the user's explicit settings (``overrides`` not ``None``) on top.
@@ -277,6 +281,9 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
         self.predict_root = None if predict_root is None else Path(predict_root)
         self._test_hint = f"; pass --data.test_root DIR or create {str(default_test)!r} to test on held-out images"
         self.data_config: dict[str, Any] = {}
+        for folder in (self.root / val_dir, self.test_root):  # before anything trains, when they are there
+            if folder is not None and folder.is_dir():
+                self._check_classes(folder)
 
     @staticmethod
     def _classes(folder: Path) -> list[str]:
@@ -308,12 +315,25 @@ class ImageFolderDataModule(_LoaderMixin, pl.LightningDataModule):
             crop_mode=config.get("crop_mode"),
         )
 
+    def _check_classes(self, folder: Path) -> None:
+        """Labels are numbered by sorted class name, so every split must hold exactly the training classes."""
+        train_folder = self.root / self.train_dir
+        train, other = self._classes(train_folder), self._classes(folder)
+        if other == train:
+            return
+        extra, missing = sorted(set(other) - set(train)), sorted(set(train) - set(other))
+        parts = ([f"has class(es) {extra} that {str(train_folder)!r} lacks"] if extra else []) + (
+            [f"lacks training class(es) {missing}"] if missing else []
+        )
+        raise ClassMismatchError(
+            f"image folder {str(folder)!r} {' and '.join(parts)}; every split needs the same class sub-folders "
+            "(labels are numbered by sorted class name)"
+        )
+
     def _dataset(self, folder: Path, training: bool) -> Dataset:
         from torchvision.datasets import ImageFolder
 
-        train_classes = self._classes(self.root / self.train_dir)
-        if self._classes(folder) != train_classes:
-            raise ValueError(f"classes of {str(folder)!r} differ from the training classes {train_classes}")
+        self._check_classes(folder)
         return ImageFolder(str(folder), transform=self._transform(training), loader=_read_rgb)
 
     def setup(self, stage: str | None = None) -> None:

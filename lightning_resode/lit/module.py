@@ -53,6 +53,31 @@ _TOP_STEP_DTYPES: dict[str, torch.dtype | None] = {
 _MODEL_PREFIX = "model."
 
 
+class BatchTooSmallError(ValueError):
+    """A training batch too small for BatchNorm: one value per channel has no variance to normalise with."""
+
+
+def _batch_too_small(images: torch.Tensor, step: int, model_name: str, trainer: Any) -> BatchTooSmallError:
+    """Name the batch, why BatchNorm refuses it, and the setting that fixes it (the batch size, or the epoch's
+    last partial batch)."""
+    count, size = images.shape[0], "x".join(str(d) for d in images.shape[-2:])
+    datamodule = getattr(trainer, "datamodule", None)
+    batch_size = getattr(datamodule, "batch_size", None)
+    if isinstance(batch_size, int) and batch_size > count:
+        train_set = getattr(datamodule, "train_set", None)
+        total = f"{len(train_set)} training images" if train_set is not None else "the training set"
+        fix = (
+            f"it is the epoch's last, partial batch ({total} in batches of {batch_size}); choose a batch_size that "
+            "does not leave a single image"
+        )
+    else:
+        fix = "train with data.init_args.batch_size >= 2 (or larger images)"
+    return BatchTooSmallError(
+        f"a training batch of {count} image(s) of {size} pixels at step {step}: {model_name}'s BatchNorm then sees "
+        f"one value per channel (its last stages reduce each image to 1x1) and cannot normalise it; {fix}"
+    )
+
+
 def _check_schedule_options(hp: Any) -> None:
     """Schedule options out of range fail here, naming the value, not at the first optimizer step."""
     if hp.scheduler not in _SCHEDULERS:
@@ -151,6 +176,9 @@ class ResodeClassifier(pl.LightningModule):
             average is what validation measures and what checkpoints store. ``None`` disables it.
         channels_last: run the network and its inputs in ``torch.channels_last`` memory format (faster
             convolutions with mixed precision on recent GPUs).
+        compile: ``torch.compile`` the network in place (state_dict keys unchanged) with this backend
+            (``inductor``, ``aot_eager``, …; ``true``: inductor; ``false``: eager). The converted stages run
+            eagerly inside the compiled model (one graph break each); the rest is compiled.
     """
 
     def __init__(
@@ -192,6 +220,7 @@ class ResodeClassifier(pl.LightningModule):
         cycle_decay: float = 0.1,
         ema_decay: float | None = None,
         channels_last: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -212,6 +241,11 @@ class ResodeClassifier(pl.LightningModule):
         self._check_freeze_names(freeze or [])
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        if compile:
+            backend = "inductor" if compile is True else compile
+            if backend not in torch.compiler.list_backends(exclude_tags=()):
+                raise ValueError(f"model.compile: unknown torch.compile backend {backend!r}; valid: {torch.compiler.list_backends()}")
+            self.model.compile(backend=backend)  # in place: the same module, keys and policy hooks
         self.mixup = (
             Mixup(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, label_smoothing=label_smoothing, num_classes=num_classes)
             if mixup_alpha > 0 or cutmix_alpha > 0
@@ -351,11 +385,16 @@ class ResodeClassifier(pl.LightningModule):
         check_finite_input(images, self.global_step)
         images = self._layout(images)  # the stage policy measures the layout training runs in
         self._calibrate_if_due(images, targets)
-        if self.mixup is not None and images.shape[0] % 2 == 0:
-            images, soft_targets = self.mixup(images, targets)
-            loss = torch.sum(-soft_targets * F.log_softmax(self(images), dim=-1), dim=-1).mean()
-        else:
-            loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        try:
+            if self.mixup is not None and images.shape[0] % 2 == 0:
+                images, soft_targets = self.mixup(images, targets)
+                loss = torch.sum(-soft_targets * F.log_softmax(self(images), dim=-1), dim=-1).mean()
+            else:
+                loss = F.cross_entropy(self(images), targets, label_smoothing=self.hparams.label_smoothing)
+        except ValueError as err:
+            if "Expected more than 1 value per channel" not in str(err):
+                raise
+            raise _batch_too_small(images, self.global_step, self.hparams.model_name, self.trainer) from None
         check_finite_loss(loss, self.global_step, self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=images.shape[0])
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)

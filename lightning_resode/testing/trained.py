@@ -10,7 +10,8 @@ after each sum that clips. These fixtures are such networks, small enough to tra
 - ``size="small"``: the same architectures (block counts, bottlenecks, post-activation ReLU) made narrow with
   timm's ``channels=`` argument, on 32×32 (tests; seconds each).
 
-Each is trained once, deterministically (fixed seeds, fixed data order, deterministic algorithms), and cached
+Each is trained once, deterministically (fixed seeds, fixed data order, deterministic algorithms; in float64, on one
+thread, without oneDNN, so that another x86 CPU trains the same weights: see ``_reproducible``), and cached
 under ``$LIGHTNING_RESODE_CACHE`` or ``~/.cache/lightning-resode/trained`` as a ``.safetensors`` state dict plus
 a JSON record (held-out accuracy, per-stage residual ratio and ReLU clip fraction, seed, versions, and a hash of
 the training recipe, which is also in the file name: change the recipe and the old cache is simply not used).
@@ -41,7 +42,8 @@ SIZES: tuple[str, ...] = ("full", "small")
 PRETRAIN_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES: tuple[int, ...] = (5, 6, 7, 8, 9)
 #: Bump when the training code changes in a way the recipe dict below does not capture.
-_RECIPE_VERSION = 1
+#: 2: trained in float64 on one thread without oneDNN, so every x86 CPU trains the same weights.
+_RECIPE_VERSION = 2
 _RECIPES: dict[str, dict[str, Any]] = {
     "full": {"image_size": 64, "model_kwargs": {}, "epochs": 15, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "max_shift": 4},
     "small": {
@@ -55,6 +57,7 @@ _RECIPES: dict[str, dict[str, Any]] = {
     },
 }
 _TEST_FRACTION = 1 / 3
+_TRAIN_DTYPE = torch.float64
 _SPLIT_SEED = 0
 
 
@@ -204,6 +207,7 @@ def recipe(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: 
         "test_fraction": _TEST_FRACTION,
         "split_seed": _SPLIT_SEED,
         "optimizer": "AdamW",
+        "train_dtype": str(_TRAIN_DTYPE).replace("torch.", ""),
         **_RECIPES[size],
     }
 
@@ -223,13 +227,27 @@ def _shift(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> 
 
 
 @contextlib.contextmanager
-def _deterministic() -> Iterator[None]:
+def _reproducible() -> Iterator[None]:
+    """Train the same weights on any x86 CPU, with the caller's torch settings restored afterwards.
+
+    Floating-point sums depend on how a kernel splits them: across threads, and across the vector width or
+    blocking that oneDNN and MKL pick for the CPU at hand. Fixtures trained in float32 with two threads on
+    another machine drifted far enough apart for the fidelity tests to fail there. So training runs on one
+    thread, without oneDNN (plain im2col + GEMM convolutions), with deterministic algorithms, in float64:
+    what still depends on the CPU (the order inside a vectorised reduction) is then ~1e-16 relative, far
+    below the float32 rounding of the saved weights.
+    """
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # not mkldnn.flags(): it also sets TF32 options and warns on CPU builds
+    torch.use_deterministic_algorithms(True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.mkldnn.enabled = onednn
+        torch.set_num_threads(threads)
 
 
 def train(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
@@ -237,8 +255,9 @@ def train(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: i
     spec = recipe(model_name, zero_init_last, size=size, seed=seed)
     data = digits_split(PRETRAIN_CLASSES, spec["image_size"], test_fraction=spec["test_fraction"], split_seed=spec["split_seed"])
     start = time.perf_counter()
-    with _deterministic(), torch.random.fork_rng(devices=[]):
-        model = create_untrained(model_name, zero_init_last, size=size, seed=seed)
+    with _reproducible(), torch.random.fork_rng(devices=[]):
+        model = create_untrained(model_name, zero_init_last, size=size, seed=seed).to(_TRAIN_DTYPE)
+        train_images = data.train_images.to(_TRAIN_DTYPE)
         optimizer = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=spec["weight_decay"])
         order = torch.Generator().manual_seed(seed)
         n, batch = len(data.train_labels), spec["batch_size"]
@@ -251,13 +270,14 @@ def train(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: i
             permutation = torch.randperm(n, generator=order)
             for i in range(n // batch):
                 idx = permutation[i * batch : (i + 1) * batch]
-                images = _shift(data.train_images[idx], spec["max_shift"], order)
+                images = _shift(train_images[idx], spec["max_shift"], order)
                 loss = F.cross_entropy(model(images), data.train_labels[idx])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 schedule.step()
                 losses.append(float(loss.detach()))
+        model.float()  # the fixtures are float32 networks, as users fine-tune them
     seconds = time.perf_counter() - start
     model.eval()
     info = {
@@ -270,7 +290,7 @@ def train(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: i
         "train_images": n,
         "stages": residual_statistics(model, data.test_images),
         "training_seconds": round(seconds, 1),
-        "torch_threads": torch.get_num_threads(),
+        "training_threads": 1,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
