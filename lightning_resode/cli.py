@@ -78,7 +78,8 @@ def _diagnose_options(batch_images: int = 8, output: str | None = None) -> None:
     """What diagnose runs on: one batch of the recipe's training data.
 
     Args:
-        batch_images: how many images of one training batch the per-stage diagnosis runs on.
+        batch_images: how many images of one training batch the per-stage diagnosis runs on (at least 2, for
+            BatchNorm; at most the data's batch size).
         output: also write the records as JSON to this path.
     """
 
@@ -457,6 +458,11 @@ def _diagnose(args: list[str]) -> None:
     finally:
         ResodeCLI.diagnose_mode = False
     options = cli.config[_DIAGNOSE]
+    if options.batch_images < 2:
+        raise SystemExit(
+            f"{_PROG} diagnose: error: --diagnose.batch_images={options.batch_images}: the diagnosis trains with "
+            "BatchNorm, which needs at least 2 images per batch; give 2 or more (default 8)"
+        )
     if cli.config.get("ckpt_path"):
         path = _resolve_checkpoint(cli.config["ckpt_path"], cli.config["trainer"].get("default_root_dir"))
         _load_checkpoint_weights(cli.model, path)
@@ -470,6 +476,13 @@ def _diagnose(args: list[str]) -> None:
         raise SystemExit(f"{_PROG} diagnose: error: the recipe converts no stage (model.stages is empty)")
     device = _diagnose_device(cli.config["trainer"].get("accelerator"))
     model.to(device).train()
+    if images.shape[0] < 2:
+        raise SystemExit(
+            f"{_PROG} diagnose: error: the training batch has {images.shape[0]} image; BatchNorm needs at least 2: "
+            "raise --data.init_args.batch_size"
+        )
+    if options.batch_images > images.shape[0]:
+        print(f"--diagnose.batch_images={options.batch_images}: one training batch has {images.shape[0]} images; using them all")
     batch = (images[: options.batch_images].to(device), targets[: options.batch_images].to(device))
     records = diagnose(model, batch)
     print(diagnose_table(records))

@@ -359,12 +359,20 @@ def to_adjoint(
             stacklevel=2,
         )
     slots = _slots(model, family)
-    names = list(slots) if stages is None else [stages] if isinstance(stages, str) else list(stages)
+    # a features_only model pruned by out_indices keeps its later stages as empty Sequentials: nothing to convert
+    empty = [name for name, (parent, attr) in slots.items() if len(getattr(parent, attr)) == 0]
+    names = [n for n in slots if n not in empty] if stages is None else [stages] if isinstance(stages, str) else list(stages)
     unknown = [name for name in names if name not in slots]
     if not names:
         raise ValueError(f"stages=[] converts nothing; pass None for every stage, or some of {list(slots)}")
     if unknown:
         raise ValueError(f"unknown stage name(s) {unknown}; valid stage names: {list(slots)}")
+    named_empty = [name for name in names if name in empty]
+    if named_empty:
+        raise ValueError(
+            f"stage(s) {named_empty} have no blocks (a features_only model's out_indices pruned them); "
+            f"stages with blocks: {[n for n in slots if n not in empty]}"
+        )
     if any(getattr(m, "grad_checkpointing", False) is True for m in root.modules()):
         warnings.warn("timm's grad checkpointing is superseded by the adjoint stages; turning it off", stacklevel=2)
         for m in {id(m): m for m in (root, model)}.values():

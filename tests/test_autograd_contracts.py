@@ -245,3 +245,29 @@ def test_a_non_finite_incoming_gradient_flows_through_as_in_plain_autograd(metho
         out.register_hook(lambda g: g * float("inf"))
         _loss(model.forward_head(out)).backward()
         assert not all(torch.isfinite(p.grad).all() for p in model.layer1.parameters())
+
+
+@pytest.mark.parametrize("method", ["block", "checkpoint", "block_fp16", "euler_fast"])
+def test_eval_between_forward_and_backward_keeps_the_forwards_graph(method: str) -> None:
+    """Plain autograd differentiates the graph the forward built, whatever ``model.eval()`` does afterwards; a
+    recomputation must do the same (in eval mode BatchNorm would normalise with running statistics instead)."""
+    plain = _plain()
+    x = _images()
+
+    def grads(model: nn.Module, switch: bool) -> list[torch.Tensor]:
+        model.train().zero_grad(set_to_none=True)
+        loss = _loss(model(x))
+        if switch:
+            model.eval()
+        loss.backward()
+        assert model.training is not switch  # the user's mode is left as they set it
+        return [p.grad.clone() for p in model.parameters()]
+
+    reference = grads(copy.deepcopy(plain), switch=True)
+    switched = grads(_converted(plain, method), switch=True)
+    unswitched = grads(_converted(plain, method), switch=False)
+    for a, b in zip(switched, unswitched):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)  # the same call, whatever the mode afterwards
+    if method in EXACT:
+        for a, b in zip(switched, reference):
+            torch.testing.assert_close(a, b)

@@ -57,6 +57,14 @@ def test_bad_names_fail_before_training(override: str, named: str, tmp_path: Pat
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("images", ["1", "0", "-5"])
+def test_diagnose_on_fewer_than_two_images_is_one_line(images: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stop:
+        main(["diagnose", *QUICK, "--model.model_name=resnet10t", f"--diagnose.batch_images={images}"])
+    message = str(stop.value.code)
+    assert f"--diagnose.batch_images={images}" in message and "at least 2" in message and "\n" not in message
+
+
 def test_diagnose_prints_a_table_and_writes_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     output = tmp_path / "diag.json"
     main(["diagnose", *QUICK, "--model.model_name=resnet10t", "--diagnose.batch_images=4", f"--diagnose.output={output}"])

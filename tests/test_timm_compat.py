@@ -113,6 +113,17 @@ def test_features_only_models_convert_and_match(name: str) -> None:
     _assert_same(_grads(converted.train(), x), _grads(plain.train(), x))
 
 
+def test_stages_pruned_by_out_indices_are_not_converted() -> None:
+    """timm's getter wrapper keeps the stages after the last out_index as empty Sequentials; converting them would
+    give the policy a stage with no blocks to decide for."""
+    plain = _plain("resnet18", features_only=True, feature_cls="getter", out_indices=(1, 3))
+    converted = to_adjoint(copy.deepcopy(plain))
+    assert list(adjoint_stages(converted)) == ["layer1", "layer2", "layer3"]
+    assert set(policy_of(converted).stages) == {"layer1", "layer2", "layer3"}
+    with pytest.raises(ValueError, match=r"\['layer4'\] have no blocks.*stages with blocks: \['layer1', 'layer2', 'layer3'\]"):
+        to_adjoint(copy.deepcopy(plain), stages=["layer3", "layer4"])
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_fx_feature_extraction_sees_the_plain_network(name: str) -> None:
     plain = _plain(name).eval()

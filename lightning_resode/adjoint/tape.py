@@ -179,6 +179,9 @@ class Tape:
         #: 16-bit stored inputs: one finiteness flag each, taken when stored (overflow is known before backward)
         self.stored_finite: list[torch.Tensor] = []
         self.relay = BackwardRelay()
+        #: each block's modules' ``training`` flags at the forward: a recomputation runs the graph the forward
+        #: built (as autograd's own saved graph would) even if ``model.eval()`` came between forward and backward
+        self.training_modes = [tuple(m.training for m in block.modules()) for block in stage]
 
     def set_plan(self, plan: "StagePlan", logs: tuple["PlanLog", ...]) -> None:
         from .schemes import get_scheme
@@ -242,9 +245,24 @@ class Tape:
         """Around a recomputation of ``blocks``: the forward's parameters bound, autocast replayed, BatchNorm batch
         counters left as they were (modules bump them in Python before calling BatchNorm)."""
         stage = self.stage
-        with self.binding.bound(blocks, leaves), self.autocast.replayed():
+        with self.binding.bound(blocks, leaves), self.autocast.replayed(), self._forward_modes(blocks):
             with batch_counters_preserved(stage.batchnorm_modules([stage[b] for b in blocks])):
                 yield
+
+    @contextlib.contextmanager
+    def _forward_modes(self, blocks: list[int]) -> Iterator[None]:
+        """The ``blocks``' modules in the train/eval mode they had at the forward, then back as the user left them."""
+        switched: list[torch.nn.Module] = []
+        for b in blocks:
+            for module, mode in zip(self.stage[b].modules(), self.training_modes[b]):
+                if module.training != mode:
+                    module.training = mode
+                    switched.append(module)
+        try:
+            yield
+        finally:
+            for module in switched:
+                module.training = not module.training
 
     # ------------------------------------------------------------------ BatchNorm statistics of one step
     def take_records(self, s: int) -> tuple[list[int], list[torch.Tensor]]:
