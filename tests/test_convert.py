@@ -114,8 +114,12 @@ def test_saved_activations_grow_with_stages_not_depth() -> None:
         to_adjoint(model, **options, **({} if options else {"calibration": calibration}))
         return saved_activation_bytes(model, lambda: model(x)) / batch / 2**20
 
-    # 16 -> 33 blocks, same stage boundaries; only the per-channel BatchNorm statistics grow with depth
-    shallow, deep = mib_per_image("resnet50", 64, batch=4), mib_per_image("resnet101", 64, batch=4)
+    # 16 -> 33 blocks, same stage boundaries; only the per-channel BatchNorm statistics grow with depth (16
+    # images at 64x64: layer4 is 2x2, and approximations run only where BatchNorm sees >= 64 values). The
+    # method the default picks on these zero-init weights is given explicitly here (the calibration is the slow
+    # part of this test; the 224x224 case below runs the default itself)
+    shallow = mib_per_image("resnet50", 64, batch=16, scheme="euler_fast", check=False)
+    deep = mib_per_image("resnet101", 64, batch=16, scheme="euler_fast", check=False)
     assert deep == pytest.approx(shallow, rel=0.10)
     backprop = mib_per_image("resnet50", 64, scheme="backprop")
     assert backprop > 6 * shallow
