@@ -19,6 +19,10 @@ $(STAMP): setup.cfg pyproject.toml
 run: install
 	$(VENV)/bin/lightning-resode fit --config recipes/quickstart.yaml
 
+# Test subprocesses (DDP workers, a SIGTERM'd run) share the cores with pytest; spinning OpenMP threads
+# slow them tenfold on a 2-core machine, so the test targets make idle threads sleep.
+test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
+
 test: install
 	$(PY) -m pytest -m "not slow" -q
 

@@ -1,9 +1,17 @@
-"""Shared test setup: offline W&B, deterministic seeds, small thread counts (2-core CI)."""
+"""Shared test setup: offline W&B, deterministic seeds, OpenMP threads that sleep instead of spin.
+
+Several tests start subprocesses (DDP workers, the SIGTERM resume run) that share the CI machine's two
+cores with the test process. OpenMP's default waiting policy spins, and oversubscribed spinning slowed one
+such test from 21 s to 198 s; ``OMP_WAIT_POLICY=PASSIVE`` must be set before torch loads its OpenMP runtime,
+so it is set here, above ``import torch`` (the Makefile sets it as well).
+"""
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
