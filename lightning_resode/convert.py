@@ -24,6 +24,7 @@ import functools
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -318,6 +319,7 @@ def to_adjoint(
     refine: int = 0,
     anchor_every: int | None = None,
     top_step_dtype: torch.dtype | None = torch.bfloat16,
+    store_every: int | Literal["auto"] | None = "auto",
     min_cosine: float = 0.99,
     recheck_every: int = 500,
     calibration: torch.Tensor | tuple | None = None,
@@ -340,6 +342,10 @@ def to_adjoint(
         top_step_dtype: reconstruction stages keep their top step's increment in this dtype (default
             bfloat16: half a stage-output of memory per stage), so the top block costs no extra forward in
             backward and is recovered almost exactly; ``None`` reconstructs it like the other blocks.
+        store_every: per-block methods (``block*``) in deep stages keep only every K-th block input (exactly)
+            and re-run the blocks between in backward, so memory stays flat in depth for one extra block
+            forward per re-run block; the gradient is unchanged. ``"auto"`` (default): K = round(sqrt(2S)) in
+            stages of 9 or more residual blocks; ``None`` keeps every input.
         min_cosine: the gradient fidelity ``"auto"`` requires, and below which an explicit approximate
             method is reported unsafe (a warning on its first training step).
         recheck_every: ``"auto"`` recalibrates every this many training steps (0: only at the first step
@@ -402,7 +408,7 @@ def to_adjoint(
             stage.configure(
                 method=method,
                 scheme=get_method(method).scheme or "euler",  # a timm ResNet is an Euler network
-                refine=refine, anchor_every=anchor_every, top_step_dtype=top_step_dtype,
+                refine=refine, anchor_every=anchor_every, top_step_dtype=top_step_dtype, store_every=store_every,
             )
         except ValueError as err:
             raise ValueError(f"stage {name!r} ({len(stage)} blocks, {stage.exact_head} shape-changing): {err}") from err

@@ -43,14 +43,24 @@ def run_chain(tape: Tape, x: torch.Tensor) -> torch.Tensor:
     """The stage's forward as a chain of nodes (see the module docstring); returns the stage output."""
     h = StageEntry.apply(tape, x, *tape.binding.trainable)
     plan = tape.plan
+    every = plan.store_every
     below = top_increment = None
     for s in range(tape.num_steps):
-        kept = _kept_input(tape, s, h)
-        out = StageStep.apply(tape, s, h, below)
+        if every:  # keep the input of each run's first step (exactly), handed to the node above the run
+            passed = None
+            if s % every == 0:
+                passed, below = below, h.detach()
+            else:
+                _check_storable(tape, h)
+            out = StageStep.apply(tape, s, h, passed)
+        else:
+            kept = _kept_input(tape, s, h)
+            out = StageStep.apply(tape, s, h, below)
+            below = kept
         if s == tape.num_steps - 1 and plan.gradient == "adjoint" and plan.top_step_dtype is not None:
             with torch.no_grad():
                 top_increment = (out - h).to(plan.top_step_dtype)
-        below, h = kept, out
+        h = out
     return StageExit.apply(tape, h, below, top_increment)
 
 
@@ -73,6 +83,38 @@ def _kept_input(tape: Tape, s: int, h: torch.Tensor) -> torch.Tensor | None:
         if plan.anchor_every and 0 < s and s % plan.anchor_every == 0:
             return h.detach()
     return None
+
+
+def _check_storable(tape: Tape, h: torch.Tensor) -> None:
+    """``store_every``: an input re-run in backward is stored then; whether it fits the 16-bit type is known now."""
+    plan = tape.plan
+    if plan.check_finite and plan.block_dtype is not None and plan.block_dtype != h.dtype:
+        with torch.no_grad():
+            tape.stored_finite.append(torch.isfinite(torch.sum(h.detach().to(plan.block_dtype), dtype=torch.float32)))
+
+
+def _carried_run(tape: Tape, node: int) -> tuple[tuple[int, list[list[int]]] | None, list[torch.Tensor]]:
+    """``store_every``: the run of steps the node at ``node`` (a step, or ``num_steps`` for the exit) hands down
+    with its first input: (first step, counts per step) and the statistics of its steps but the top."""
+    every = tape.plan.store_every
+    if not every or node == 0 or (node < tape.num_steps and node % every != 0):
+        return None, []
+    first, top = tape.run_of(node - 1)
+    counts, flat = tape.take_run_records(first, top)
+    return (first, counts), flat
+
+
+def _run_from(run: tuple[int, list[list[int]]] | None, flat: list[torch.Tensor]) -> tuple[int, list[tuple[list[int], tuple[torch.Tensor, ...]]]] | None:
+    """A carried run as the relay holds it: (first step, [(counts, statistics) per step])."""
+    if run is None:
+        return None
+    first, counts = run
+    steps, pos = [], 0
+    for step_counts in counts:
+        n = 2 * sum(step_counts)
+        steps.append((step_counts, tuple(flat[pos : pos + n])))
+        pos += n
+    return first, steps
 
 
 # ---------------------------------------------------------------------------------------------- the nodes
@@ -124,8 +166,10 @@ class StageStep(torch.autograd.Function):
         out, _ = tape.scheme.step(s, h, tape.evaluator("record"))
         tape.stage.check_shape(s, h, out)
         counts, statistics = tape.take_records(s)
-        ctx.save_for_backward(below, *statistics)
-        ctx.tape, ctx.step, ctx.record_counts = tape, s, counts
+        tape.note_for_rerun(s, counts, statistics)
+        ctx.run, run_statistics = _carried_run(tape, s)
+        ctx.save_for_backward(below, *statistics, *run_statistics)
+        ctx.tape, ctx.step, ctx.record_counts, ctx.own_statistics = tape, s, counts, len(statistics)
         ctx.role = _role_of(tape, below)
         ctx.set_materialize_grads(False)
         return out
@@ -136,13 +180,15 @@ class StageStep(torch.autograd.Function):
         s = ctx.step
         _refuse_double_backward(tape)
         below, *statistics = _unpack(ctx)
+        run = _run_from(ctx.run, statistics[ctx.own_statistics :])
+        statistics = statistics[: ctx.own_statistics]
         with record_function(f"resode::{tape.stage.display_name}::{tape.plan.gradient}"), tape.records_restored(s, ctx.record_counts, statistics):
             del statistics
             if tape.plan.gradient == "block":
-                grad_x = _block_step(tape, s, below)
+                grad_x = _block_step(tape, s, below, run)
             else:
                 grad_x = _adjoint_step(tape, s, below)
-        del below
+        del below, run
         tape.relay.grad = grad_x
         return None, None, (None if grad_x is None else _placeholder_like(grad_x)), None
 
@@ -158,7 +204,8 @@ class StageExit(torch.autograd.Function):
     def forward(ctx: Any, tape: Tape, h: torch.Tensor, below: torch.Tensor | None, top_increment: torch.Tensor | None) -> torch.Tensor:
         ctx.mark_dirty(h)
         adjoint = tape.plan.gradient == "adjoint"
-        ctx.save_for_backward(h if adjoint else None, below, top_increment)
+        ctx.run, run_statistics = _carried_run(tape, tape.num_steps)
+        ctx.save_for_backward(h if adjoint else None, below, top_increment, *run_statistics)
         ctx.tape = tape
         ctx.role = "stage output" if adjoint else _role_of(tape, below)
         return h
@@ -168,9 +215,10 @@ class StageExit(torch.autograd.Function):
         tape: Tape = ctx.tape
         _refuse_double_backward(tape)
         _refuse_changed_parameters(tape)
-        x_out, below, top_increment = _unpack(ctx)
+        x_out, below, top_increment, *run_statistics = _unpack(ctx)
         plan = tape.plan
-        relay = tape.relay = BackwardRelay(grad=grad, stored=below)
+        relay = tape.relay = BackwardRelay(grad=grad, stored=below, run_below=_run_from(ctx.run, run_statistics))
+        del run_statistics
         if plan.fallback:  # the exact fallback restarts from the stage's incoming gradient
             relay.grad_out = grad
         if plan.check_finite and (plan.gradient == "adjoint" or tape.stored_finite):
@@ -222,13 +270,40 @@ class StageCheckpoint(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- one step
-def _block_step(tape: Tape, s: int, below: torch.Tensor | None) -> torch.Tensor | None:
-    """VJP of step s from its stored (possibly 16-bit) input."""
+def _block_step(tape: Tape, s: int, below: torch.Tensor | None, run: Any = None) -> torch.Tensor | None:
+    """VJP of step s from its stored (possibly 16-bit) input; with ``store_every``, the top step of a run first
+    re-runs the run from its kept input. ``below``/``run``: what this node keeps for the step (or run) below."""
     relay = tape.relay
-    x_s, relay.stored = relay.stored, below
+    if tape.plan.store_every:
+        if relay.run_below is not None:
+            _rerun(tape, s)
+        x_s = relay.run_inputs.pop(s)
+        relay.stored, relay.run_below = below, run
+    else:
+        x_s, relay.stored = relay.stored, below
     x_s = x_s.to(tape.state_dtype)  # the relay no longer holds the compressed copy: it is freed here
     grad_x, _ = _step_vjp(tape, s, x_s, _wants_input_grad(tape, s), want_cache=False)
     return grad_x
+
+
+def _rerun(tape: Tape, top: int) -> None:
+    """Recover the inputs of a run of steps ending at ``top`` from its kept first input: the steps forward without a
+    graph, BatchNorm normalising with the forward's statistics, each input stored as the plan's block dtype."""
+    relay = tape.relay
+    first, records = relay.run_below
+    h, relay.stored, relay.run_below = relay.stored, None, None
+    if len(records) != top - first:
+        raise AdjointError(f"stage {tape.stage.display_name}: internal error, a run of steps {first}..{top} carried {len(records)} steps' statistics")
+    dtype = tape.plan.block_dtype
+    inputs = {first: h}
+    frozen = tape.evaluator("frozen")
+    with torch.no_grad(), record_function(f"resode::rerun{first}-{top}"):
+        for s, (counts, statistics) in zip(range(first, top), records):
+            with tape.records_restored(s, counts, statistics), tape.recomputing(tape.step_blocks(s), {}):
+                h, _ = tape.scheme.step(s, h, frozen)
+            inputs[s + 1] = h if dtype is None or dtype == h.dtype else h.to(dtype)
+    del h
+    relay.run_inputs = inputs
 
 
 def _adjoint_step(tape: Tape, s: int, below: torch.Tensor | None) -> torch.Tensor | None:

@@ -49,6 +49,20 @@ def min_values_per_channel(gradient: str, block_dtype: torch.dtype | None) -> in
     return 0
 
 
+#: ``store_every="auto"`` keeps every input of stages shallower than this: with K = sqrt(2S) what is kept at rest
+#: (S/K exact inputs, two 16-bit units each) plus one run's inputs (K units) is 2·sqrt(2S), below S only from S = 9
+AUTO_STORE_EVERY_FROM = 9
+
+
+def resolve_store_every(configured: int | str | None, gradient: str, num_steps: int) -> int | None:
+    """The K of a ``block`` call that keeps every K-th step input and re-runs the rest (None: keeps every input)."""
+    if gradient != "block" or configured is None or num_steps < 2:
+        return None
+    if configured == "auto":
+        return round((2 * num_steps) ** 0.5) if num_steps >= AUTO_STORE_EVERY_FROM else None
+    return int(configured) if int(configured) > 1 else None
+
+
 def values_per_channel(x: torch.Tensor) -> int:
     """How many values a BatchNorm over a state like x normalises each channel over (batch × spatial)."""
     return x.numel() // max(x.shape[1], 1) if x.dim() >= 2 else x.numel()
@@ -67,6 +81,8 @@ class StagePlan:
     refine: int
     anchor_every: int | None
     top_step_dtype: torch.dtype | None
+    #: ``block``: keep every K-th step input (exactly) and re-run the steps between in backward (None: keep all)
+    store_every: int | None
     #: keep the reconstructed part's exact input (to measure the reconstruction error, or to fall back)
     keep_input: bool
     #: replace a failed approximate gradient by the exact one (instead of raising)
@@ -211,6 +227,7 @@ def resolve_plan(stage: "AdjointSequential", state: torch.Tensor | None) -> tupl
         refine=stage.refine,
         anchor_every=stage.anchor_every,
         top_step_dtype=stage.top_step_dtype,
+        store_every=resolve_store_every(getattr(stage, "store_every", "auto"), gradient, stage.num_steps),
         keep_input=stage.keep_input,
         fallback=stage.fallback,
         max_reconstruction_error=stage.max_reconstruction_error,

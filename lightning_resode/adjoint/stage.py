@@ -50,6 +50,13 @@ class AdjointSequential(nn.Module):
             the top block's input is then recovered without a block forward and with no reverse-step error
             (only the rounding of the increment), for half a state of memory in bf16. This makes the backward
             cost one block forward per block with ``euler_fast``, as checkpointing does.
+        store_every: with ``gradient="block"``, keep only every K-th step's input (exactly) at rest; in backward,
+            each run of K steps is re-run forward from its kept input (no graph; BatchNorm with the forward's
+            statistics) to recover the other inputs, stored as ``block_dtype``. Memory at rest falls from S to
+            about S/K states, for one extra block forward per step whose input is not kept; the gradient is the
+            same as storing every input. ``"auto"`` (default) picks K = round(sqrt(2S)) for stages of 9 or
+            more steps (the K that minimises what is kept at rest plus one run's inputs) and stores every
+            input in shallower stages; ``None`` always stores every input.
         exact_head: how many leading blocks are shape-changing (a timm stage's downsampling block);
             they are recomputed exactly from the stored stage input instead of reconstructed.
         keep_input: keep the stage input (without a head) to measure the reconstruction error exactly.
@@ -82,6 +89,7 @@ class AdjointSequential(nn.Module):
         block_dtype: torch.dtype | None = None,
         fallback: bool = False,
         max_reconstruction_error: float = float("inf"),
+        store_every: int | None | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         blocks = list(blocks)
@@ -105,6 +113,7 @@ class AdjointSequential(nn.Module):
             top_step_dtype=top_step_dtype,
             exact_head=exact_head,
             block_dtype=block_dtype,
+            store_every=store_every,
         )
 
     def configure(
@@ -118,6 +127,7 @@ class AdjointSequential(nn.Module):
         exact_head: int | None = None,
         block_dtype: torch.dtype | None | Literal["keep"] = "keep",
         method: str | None = None,
+        store_every: int | None | Literal["auto", "keep"] = "keep",
     ) -> "AdjointSequential":
         """Change how the stage trains (the auto policy and fidelity callbacks switch stages with this).
 
@@ -139,6 +149,7 @@ class AdjointSequential(nn.Module):
         top_step_dtype = self.__dict__.get("top_step_dtype") if top_step_dtype == "keep" else top_step_dtype
         exact_head = self.__dict__.get("exact_head") if exact_head is None else exact_head
         block_dtype = self.__dict__.get("block_dtype") if block_dtype == "keep" else block_dtype
+        store_every = self.__dict__.get("store_every", "auto") if store_every == "keep" else store_every
         from .methods import METHODS
 
         if scheme not in SCHEMES and scheme in METHODS:
@@ -157,6 +168,8 @@ class AdjointSequential(nn.Module):
             raise ValueError(f"anchor_every must be a positive number of steps or None, got {anchor_every}")
         if top_step_dtype is not None and not (isinstance(top_step_dtype, torch.dtype) and top_step_dtype.is_floating_point):
             raise ValueError(f"top_step_dtype must be a floating torch.dtype or None, got {top_step_dtype!r}")
+        if store_every not in (None, "auto") and not (isinstance(store_every, int) and not isinstance(store_every, bool) and store_every >= 1):
+            raise ValueError(f"store_every must be a positive number of steps, 'auto' or None, got {store_every!r}")
         if not 0 <= exact_head <= len(self._blocks):
             raise ValueError(
                 f"exact_head must be between 0 and {len(self._blocks)} (the number of blocks), got {exact_head}"
@@ -167,6 +180,7 @@ class AdjointSequential(nn.Module):
         self.refine, self.anchor_every, self.exact_head = refine, anchor_every, exact_head
         self.top_step_dtype = top_step_dtype
         self.block_dtype = block_dtype
+        self.store_every = store_every
         return self
 
     @property
@@ -222,7 +236,8 @@ class AdjointSequential(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"method={self.method!r}, scheme={self.scheme!r}, gradient={self.gradient!r}, refine={self.refine}, "
-            f"anchor_every={self.anchor_every}, top_step_dtype={self.top_step_dtype}, exact_head={self.exact_head}"
+            f"anchor_every={self.anchor_every}, top_step_dtype={self.top_step_dtype}, exact_head={self.exact_head}, "
+            f"store_every={getattr(self, 'store_every', 'auto')!r}"
         )
 
     @property

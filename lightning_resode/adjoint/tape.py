@@ -131,6 +131,11 @@ class BackwardRelay:
     #: the kept input of the next step down (a stored block input, or an anchor), unpacked by the node above it
     stored: torch.Tensor | None = None
     top_increment: torch.Tensor | None = None
+    #: ``store_every``: the run of steps below whose kept input is ``stored``, handed down by the node above it,
+    #: as (first step, [(counts, statistics) of each step of the run but its top]) for re-running it forward
+    run_below: tuple[int, list[tuple[list[int], tuple[torch.Tensor, ...]]]] | None = None
+    #: ``store_every``: the re-run inputs of the current run, by step, each taken by the step that uses it
+    run_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
     #: what the scheme's VJP evaluation leaves for the reverse step below (``Scheme.reverse``'s cache)
     cache: Any = None
     #: parameter gradients accumulated over the steps, by index into ``ParameterBinding.trainable``
@@ -178,6 +183,9 @@ class Tape:
         self.chain_input_needs_grad = True
         #: 16-bit stored inputs: one finiteness flag each, taken when stored (overflow is known before backward)
         self.stored_finite: list[torch.Tensor] = []
+        #: ``store_every``: the batch statistics of steps whose input is re-run in backward, until the node that
+        #: keeps their run's input saves them too (their own nodes save them as well: two references, no copy)
+        self.rerun_records: dict[int, tuple[list[int], tuple[torch.Tensor, ...]]] = {}
         self.relay = BackwardRelay()
         #: each block's modules' ``training`` flags at the forward: a recomputation runs the graph the forward
         #: built (as autograd's own saved graph would) even if ``model.eval()`` came between forward and backward
@@ -263,6 +271,27 @@ class Tape:
         finally:
             for module in switched:
                 module.training = not module.training
+
+    # ------------------------------------------------------------------ runs of steps re-run in backward
+    def run_of(self, s: int) -> tuple[int, int]:
+        """``store_every``: (first, top) step of the run containing step s."""
+        k = self.plan.store_every
+        first = (s // k) * k
+        return first, min(first + k, self.num_steps) - 1
+
+    def note_for_rerun(self, s: int, counts: list[int], statistics: list[torch.Tensor]) -> None:
+        """In the forward of step s: keep its statistics for the node that will keep its run's input."""
+        if self.plan.store_every and s != self.run_of(s)[1]:
+            self.rerun_records[s] = (counts, tuple(statistics))
+
+    def take_run_records(self, first: int, top: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+        """The statistics of steps first..top-1, as (counts per step, flat tensors) for ``save_for_backward``."""
+        counts, flat = [], []
+        for s in range(first, top):
+            step_counts, statistics = self.rerun_records.pop(s)
+            counts.append(step_counts)
+            flat += statistics
+        return counts, flat
 
     # ------------------------------------------------------------------ BatchNorm statistics of one step
     def take_records(self, s: int) -> tuple[list[int], list[torch.Tensor]]:

@@ -150,6 +150,9 @@ class ResodeClassifier(pl.LightningModule):
         refine, anchor_every: reconstruction options for every converted stage.
         top_step_dtype: keep each stage's top-step increment in this dtype (``none``: reconstruct it too); one
             block forward less per stage in backward and a more exact top block, for half a state per stage.
+        store_every: per-block methods in deep stages keep every K-th block input and re-run the rest in
+            backward (memory flat in depth, one extra forward per re-run block, same gradient); ``auto``:
+            K = round(sqrt(2S)) in stages of 9 or more blocks; ``null``: keep every input.
         min_cosine: the gradient fidelity ``auto`` must reach (whole model and each stage).
         recheck_every: ``auto`` recalibrates every this many optimizer steps (0: first step only, and after a
             stage had to fall back to an exact gradient).
@@ -194,6 +197,7 @@ class ResodeClassifier(pl.LightningModule):
         refine: int = 0,
         anchor_every: int | None = None,
         top_step_dtype: TopStepDtype = "bfloat16",
+        store_every: int | Literal["auto"] | None = "auto",
         min_cosine: float = 0.99,
         recheck_every: int = 500,
         freeze: list[str] | None = None,
@@ -283,7 +287,10 @@ class ResodeClassifier(pl.LightningModule):
         hp = self.hparams
         if hp.stages is not None and not hp.stages:
             return None
-        options = dict(refine=hp.refine, anchor_every=hp.anchor_every, top_step_dtype=_TOP_STEP_DTYPES[hp.top_step_dtype])
+        options = dict(
+            refine=hp.refine, anchor_every=hp.anchor_every, top_step_dtype=_TOP_STEP_DTYPES[hp.top_step_dtype],
+            store_every=hp.get("store_every", "auto"),
+        )
         if not self._has_native_stages():
             to_adjoint(self.model, stages=hp.stages, scheme=hp.scheme, min_cosine=hp.min_cosine, recheck_every=hp.recheck_every, **options)
             policy = policy_of(self.model)
