@@ -3,6 +3,7 @@
 
     python scripts/memory_breakdown.py                                   # resnet50, large residuals, block_fp16
     python scripts/memory_breakdown.py --model resnet152 --scheme euler_fast --weights untrained --json out.json
+    python scripts/memory_breakdown.py --model resnet152 --store-every none      # every block input kept
 
 At rest: every tensor autograd keeps between forward and backward, found by walking the graph from the loss
 (each node's saved tensors; a storage counted once, parameters excluded), attributed to the adjoint node that
@@ -110,13 +111,15 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--model", default="resnet50")
     parser.add_argument("--weights", choices=["large", "untrained"], default="large")
     parser.add_argument("--scheme", default="block_fp16")
+    parser.add_argument("--store-every", default="auto", help="per-block methods: 'auto', 'none' (keep every input) or K")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = timm.create_model(args.model, zero_init_last=args.weights == "untrained")
-    to_adjoint(model, scheme=args.scheme, check=False).train()
+    store_every = None if args.store_every == "none" else args.store_every if args.store_every == "auto" else int(args.store_every)
+    to_adjoint(model, scheme=args.scheme, check=False, store_every=store_every).train()
     images = torch.randn(args.batch, 3, args.size, args.size)
     model(images).float().square().mean().backward()  # warm-up
     model.zero_grad(set_to_none=True)
