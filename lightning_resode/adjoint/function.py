@@ -77,12 +77,17 @@ def _kept_input(tape: Tape, s: int, h: torch.Tensor) -> torch.Tensor | None:
             if plan.block_dtype is None or plan.block_dtype == h.dtype:
                 return h.detach()
             stored = h.detach().to(plan.block_dtype)
-            if plan.check_finite:  # overflow of the 16-bit type (or a non-finite input): known before the backward
-                tape.stored_finite.append(torch.isfinite(torch.sum(stored, dtype=torch.float32)))
+            _note_fits(tape, stored)
             return stored
         if plan.anchor_every and 0 < s and s % plan.anchor_every == 0:
             return h.detach()
     return None
+
+
+def _note_fits(tape: Tape, stored: torch.Tensor) -> None:
+    """Overflow of the 16-bit type (or a non-finite input), known before the backward: one flag per stored input."""
+    if tape.plan.check_finite:
+        tape.stored_finite.append(torch.isfinite(torch.sum(stored, dtype=torch.float32)))
 
 
 def _check_storable(tape: Tape, h: torch.Tensor) -> None:
@@ -90,7 +95,7 @@ def _check_storable(tape: Tape, h: torch.Tensor) -> None:
     plan = tape.plan
     if plan.check_finite and plan.block_dtype is not None and plan.block_dtype != h.dtype:
         with torch.no_grad():
-            tape.stored_finite.append(torch.isfinite(torch.sum(h.detach().to(plan.block_dtype), dtype=torch.float32)))
+            _note_fits(tape, h.detach().to(plan.block_dtype))
 
 
 def _carried_run(tape: Tape, node: int) -> tuple[tuple[int, list[list[int]]] | None, list[torch.Tensor]]:

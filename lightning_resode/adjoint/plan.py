@@ -227,7 +227,7 @@ def resolve_plan(stage: "AdjointSequential", state: torch.Tensor | None) -> tupl
         refine=stage.refine,
         anchor_every=stage.anchor_every,
         top_step_dtype=stage.top_step_dtype,
-        store_every=resolve_store_every(getattr(stage, "store_every", "auto"), gradient, stage.num_steps),
+        store_every=resolve_store_every(stage.store_every, gradient, stage.num_steps),
         keep_input=stage.keep_input,
         fallback=stage.fallback,
         max_reconstruction_error=stage.max_reconstruction_error,

@@ -72,6 +72,9 @@ class AdjointSequential(nn.Module):
         name: shown in error messages and diagnostics (the converter sets e.g. ``"layer3"``).
     """
 
+    #: a class default, so stages pickled before ``store_every`` existed load with it
+    store_every: int | str | None = "auto"
+
     def __init__(
         self,
         blocks: Iterable[nn.Module],
@@ -149,7 +152,7 @@ class AdjointSequential(nn.Module):
         top_step_dtype = self.__dict__.get("top_step_dtype") if top_step_dtype == "keep" else top_step_dtype
         exact_head = self.__dict__.get("exact_head") if exact_head is None else exact_head
         block_dtype = self.__dict__.get("block_dtype") if block_dtype == "keep" else block_dtype
-        store_every = self.__dict__.get("store_every", "auto") if store_every == "keep" else store_every
+        store_every = self.store_every if store_every == "keep" else store_every
         from .methods import METHODS
 
         if scheme not in SCHEMES and scheme in METHODS:
@@ -237,7 +240,7 @@ class AdjointSequential(nn.Module):
         return (
             f"method={self.method!r}, scheme={self.scheme!r}, gradient={self.gradient!r}, refine={self.refine}, "
             f"anchor_every={self.anchor_every}, top_step_dtype={self.top_step_dtype}, exact_head={self.exact_head}, "
-            f"store_every={getattr(self, 'store_every', 'auto')!r}"
+            f"store_every={self.store_every!r}"
         )
 
     @property
