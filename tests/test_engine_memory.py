@@ -82,3 +82,28 @@ def test_a_stage_backward_needs_one_blocks_working_set_and_the_state_it_rebuilds
     one_block = step_memory(lambda: (blocks[0](x) * weight).sum())
     working_set = chained.peak_bytes - chained.backward_start_bytes
     assert working_set <= one_block.peak_bytes + (extra_states + 0.1) * state, (working_set / state, one_block.peak_bytes / state)
+
+
+def test_a_fallback_that_is_not_needed_holds_nothing_during_the_heads_backward():
+    """With fallback on, a 16-bit stage keeps its incoming gradient in case it must recompute exactly; once the
+    checks pass it must drop it before the exact head's VJP, which is where a timm stage peaks (a downsampling block).
+    """
+    from lightning_resode.measure import step_memory
+
+    torch.manual_seed(0)
+    head = torch.nn.Sequential(torch.nn.Conv2d(16, 32, 3, stride=1, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU())
+    blocks = [head, *conv_blocks(4, channels=32, scale=0.1)]
+    x = torch.randn(8, 16, 32, 32, requires_grad=True)
+    weight = torch.randn(8, 32, 32, 32)
+    gradient_bytes = weight.numel() * weight.element_size()
+
+    def working_set(fallback: bool) -> int:
+        stage = AdjointSequential(blocks, exact_head=1).configure(method="block_fp16", store_every=None)
+        stage.fallback = fallback
+        (stage(x) * weight).sum().backward()
+        stage.zero_grad(set_to_none=True)
+        measured = step_memory(lambda: (stage(x) * weight).sum())
+        return measured.peak_bytes - measured.backward_start_bytes
+
+    without, with_fallback = working_set(False), working_set(True)
+    assert with_fallback < without + gradient_bytes / 2, (with_fallback / gradient_bytes, without / gradient_bytes)

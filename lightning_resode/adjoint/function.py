@@ -90,6 +90,11 @@ def _note_fits(tape: Tape, stored: torch.Tensor) -> None:
         tape.stored_finite.append(torch.isfinite(torch.sum(stored, dtype=torch.float32)))
 
 
+def _stored_inputs_fit(tape: Tape) -> bool:
+    """Whether every 16-bit input fit its type: then a ``block`` call cannot fail, and needs no fallback."""
+    return bool(torch.stack(tape.stored_finite).all()) if tape.stored_finite else True
+
+
 def _check_storable(tape: Tape, h: torch.Tensor) -> None:
     """``store_every``: an input re-run in backward is stored then; whether it fits the 16-bit type is known now."""
     plan = tape.plan
@@ -224,8 +229,8 @@ class StageExit(torch.autograd.Function):
         plan = tape.plan
         relay = tape.relay = BackwardRelay(grad=grad, stored=below, run_below=_run_from(ctx.run, run_statistics))
         del run_statistics
-        if plan.fallback:  # the exact fallback restarts from the stage's incoming gradient
-            relay.grad_out = grad
+        if plan.fallback and not (plan.gradient == "block" and _stored_inputs_fit(tape)):
+            relay.grad_out = grad  # the exact fallback restarts from the stage's incoming gradient
         if plan.check_finite and (plan.gradient == "adjoint" or tape.stored_finite):
             relay.grad_out_finite = torch.isfinite(grad.sum())
         if x_out is not None:
@@ -404,6 +409,8 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         if plan.fallback and not report.reconstruction_error <= plan.max_reconstruction_error:
             problem = f"reconstruction error {report.reconstruction_error:.3g} > {plan.max_reconstruction_error:.3g}"
     del x_hat
+    if problem is None:
+        relay.grad_out = None  # the fallback is not needed: the head's VJP below runs without it
     if problem is not None:
         if not plan.fallback or x_in is None:
             raise ReconstructionError(_failure_message(tape, problem))
@@ -433,7 +440,7 @@ def _non_finite_problem(tape: Tape, x_in: torch.Tensor | None) -> str | None:
     """Why the chain's backward cannot be used (a 16-bit input overflowed, a reconstruction went non-finite), or
     None; raises at once where the training had already diverged (that is not the method's failure)."""
     relay = tape.relay
-    stored_ok = bool(torch.stack(tape.stored_finite).all()) if tape.stored_finite else True
+    stored_ok = _stored_inputs_fit(tape)
     steps_ok = torch.stack(relay.finite_flags) if relay.finite_flags else None
     if stored_ok and (steps_ok is None or bool(steps_ok.all())):
         return None
