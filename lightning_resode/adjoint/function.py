@@ -34,7 +34,7 @@ import torch
 from torch.autograd.profiler import record_function
 
 from .errors import AdjointError, DoubleBackwardError, ReconstructionError
-from .plan import resolve_plan
+from .plan import StagePlan, resolve_plan
 from .report import BackwardReport
 from .tape import BackwardRelay, Tape
 
@@ -395,6 +395,14 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     x_hat, relay.state = relay.state, None
     problem = _non_finite_problem(tape, x_in)
     head = stage.exact_head > 0
+    if problem is None and head and plan.gradient == "adjoint" and plan.fallback and x_in is not None:
+        # whether the fallback is needed is known before the head's graph is built (one head forward without a
+        # graph): the incoming gradient it would restart from, and x̂, are freed first, not held beside that graph
+        with torch.no_grad(), tape.recomputing(tape.head_blocks(), {}):
+            x0 = tape.run_head(x_in, "exact")
+        problem = _reconstruction_problem(plan, report, x_hat, x0)
+        del x0
+        x_hat = None
     x_leaf = x0 = None
     if head:
         indices = tape.binding.params_of(tape.head_blocks())
@@ -404,10 +412,8 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
             x0 = tape.run_head(x_leaf, "exact")
     else:
         x0 = x_in
-    if problem is None and plan.gradient == "adjoint" and x0 is not None:
-        report.reconstruction_error = _relative_error_in_place(x_hat, x0.detach())
-        if plan.fallback and not report.reconstruction_error <= plan.max_reconstruction_error:
-            problem = f"reconstruction error {report.reconstruction_error:.3g} > {plan.max_reconstruction_error:.3g}"
+    if problem is None and plan.gradient == "adjoint" and x0 is not None and x_hat is not None:
+        problem = _reconstruction_problem(plan, report, x_hat, x0.detach())
     del x_hat
     if problem is None:
         relay.grad_out = None  # the fallback is not needed: the head's VJP below runs without it
@@ -434,6 +440,14 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         grad_x, grads = grads[0], grads[1:]
     relay.accumulate(indices, grads)
     return grad_x, relay.param_grads
+
+
+def _reconstruction_problem(plan: StagePlan, report: BackwardReport, x_hat: torch.Tensor, x0: torch.Tensor) -> str | None:
+    """Report the reconstruction error (overwriting ``x_hat``); the problem if it is above a fallback's bound."""
+    report.reconstruction_error = _relative_error_in_place(x_hat, x0)
+    if plan.fallback and not report.reconstruction_error <= plan.max_reconstruction_error:
+        return f"reconstruction error {report.reconstruction_error:.3g} > {plan.max_reconstruction_error:.3g}"
+    return None
 
 
 def _non_finite_problem(tape: Tape, x_in: torch.Tensor | None) -> str | None:
