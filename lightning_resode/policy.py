@@ -16,7 +16,9 @@ depends on the weights. So it is measured, on the model's own training batches:
    batch and on two pairs of its images (an epoch's last batch can be that small), so it needs at least 4
    calibration images. A method the engine would
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
-   ``block`` (exact) always qualifies.
+   ``block`` (exact) always qualifies. Then, from the output side down, a stage runs plain backprop where that
+   does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
+   before the larger stages below start their backward): no recomputation there, for no memory.
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -33,7 +35,7 @@ import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -41,7 +43,7 @@ from torch import nn
 
 from .adjoint import MIN_VALUES_PER_CHANNEL, AdjointError, AdjointSequential, BackwardReport, ReconstructionError, measuring, min_values_per_channel, planned
 from .adjoint.methods import METHODS, get_method
-from .fidelity import compare, exact_gradients, exact_reference, gradients, no_fallback, side_effect_free, split_batch, unique_params
+from .fidelity import calibration_loss, compare, exact_gradients, exact_reference, gradients, no_fallback, side_effect_free, split_batch, unique_params
 
 log = logging.getLogger("lightning_resode.policy")
 
@@ -59,8 +61,29 @@ SAFETY_MARGIN = 0.25
 #: varies little from batch to batch once BatchNorm sees enough values per channel (the engine stores the
 #: input exactly where it does not), unlike a reconstruction's, which depends on the batch's statistics
 ROUNDING_MARGIN = 0.5
+#: ``backprop_where_free``: a stage runs plain backprop where that raises the step's measured peak by at most this
+#: fraction (allocator rounding and the loss's own buffers move a peak by well under 1 %)
+FREE_PEAK_TOLERANCE = 0.01
 #: early rechecks (in training steps), before the regular ``recheck_every``
 EARLY_RECHECKS = (1, 10, 100)
+
+
+def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: dict[str, str], images: torch.Tensor) -> float:
+    """Peak bytes per image of a training step with these methods (fallback on, as training runs them), as the
+    slope between half the images and all of them: what the parameters and their gradients cost does not scale with
+    the batch, so it cannot hide a stage's activations the way it does on a small calibration batch. ``.grad``
+    untouched."""
+    from .measure import peak_per_image
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    try:
+        with planned(stages, methods={stages[n]: m for n, m in methods.items()}, fallback=True):
+            torch.manual_seed(0)
+            return peak_per_image(model, lambda b: images[:b], small=images.shape[0] // 2, large=images.shape[0], warmup=False).mib_per_image
+    finally:
+        for p, grad in zip(params, saved):
+            p.grad = grad
 
 
 def check_policy_options(scheme: str, min_cosine: float, recheck_every: int) -> None:
@@ -104,6 +127,8 @@ class StagePolicy:
             fallback).
         sample_images: images of a batch used to calibrate.
         candidates: methods auto tries, cheapest first.
+        backprop_where_free: after choosing, give a stage plain backprop (no recomputation) where its autograd
+            graph fits under the step's peak, measured on the calibration batch (from the output side down).
     """
 
     stages: dict[str, AdjointSequential]
@@ -112,6 +137,7 @@ class StagePolicy:
     recheck_every: int = 500
     sample_images: int = 16
     candidates: tuple[str, ...] = AUTO_CANDIDATES
+    backprop_where_free: bool = True
     decisions: list[PolicyDecision] = field(default_factory=list)
     step: int = 0
     #: ``sync(methods or None) -> methods``: make every process use the leader's decisions (set under DDP)
@@ -129,6 +155,8 @@ class StagePolicy:
     root: nn.Module | None = field(default=None, repr=False)
     _pending: set[str] = field(default_factory=set)
     _checked: bool = False
+    #: the last ``_backprop_where_free`` measurement, by what it depended on
+    _free_backprop: dict = field(default_factory=dict)
     _handles: list = field(default_factory=list)
     _in_forward: bool = False
 
@@ -273,6 +301,7 @@ class StagePolicy:
         # every probe runs a method as it is (no fallback), starting from the exact method everywhere
         chosen = {name: self.pinned.get(name, "block") for name in stages}
         bounds: dict[str, float] = {}
+        decided: dict[str, PolicyDecision] = {}
         with side_effect_free(model), no_fallback(stages):
             with exact_reference(stages) as reference:
                 exact = gradients(model, images, targets, params)
@@ -284,10 +313,19 @@ class StagePolicy:
                 values = plan.values_per_channel if plan is not None else None
                 decision = self._choose_stage(model, name, images, targets, params, exact, chosen, values, subsets)
                 chosen[name] = decision.method
+                decided[name] = decision
                 if decision.reconstruction_error is not None and get_method(decision.method).gradient == "adjoint":
                     bounds[name] = max(ERROR_GROWTH * decision.reconstruction_error, ERROR_FLOOR)
-                if decision.method != stages[name].method or not any(d.stage == name for d in self.decisions):
-                    new.append(decision)
+        if self.backprop_where_free:
+            with side_effect_free(model):
+                for decision in self._backprop_where_free(model, images, targets, chosen):
+                    chosen[decision.stage] = decision.method
+                    decided[decision.stage] = decision
+                    bounds.pop(decision.stage, None)
+        for name in decided:  # output side first, as decided (returned input side first)
+            decision = decided[name]
+            if decision.method != stages[name].method or not any(d.stage == name for d in self.decisions):
+                new.append(decision)
         methods = dict(chosen)
         if self.sync is not None:
             methods = self.sync(methods)
@@ -359,6 +397,43 @@ class StagePolicy:
                 return PolicyDecision(name, method, self.step, cosine, model_cosine, reason, error)
             tried.append(f"{method} {min(cosine, model_cosine):.4f}")
         return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached its bound ({', '.join(tried)})")
+
+    def _backprop_where_free(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, chosen: dict[str, str]) -> list[PolicyDecision]:
+        """Stages, from the output side down, whose plain autograd graph fits under the training step's peak.
+
+        A stage's graph is freed before the stages below it start their backward, so keeping it costs peak memory
+        only where it pushes what is live at some moment above the step's peak, set elsewhere (usually by a
+        recomputation at high resolution). Near the output the states are small: there plain backprop saves the
+        recomputation (the time of one forward of the stage) for nothing. Measured, on the calibration batch,
+        with each stage's method as training will run it (fallback included); stops at the first stage that
+        would raise the peak by more than ``FREE_PEAK_TOLERANCE``.
+        """
+        if images.device.type != "cuda" and torch.autograd.profiler._is_profiler_enabled:
+            log.info("a profiler is running: the CPU's step peak cannot be measured now, no stage is given backprop")
+            return []
+        if images.shape[0] < 4:
+            return []  # a per-image peak needs two batch sizes of at least two images (BatchNorm)
+        key = (tuple(sorted(chosen.items())), tuple(images.shape), images.dtype, images.device)
+        if key in self._free_backprop:  # a recheck that kept every method: the same measurement, not rerun
+            return [replace(d, step=self.step) for d in self._free_backprop[key]]
+        methods = dict(chosen)
+        base = _step_peak(model, self.stages, methods, images)
+        found: list[PolicyDecision] = []
+        for name in reversed(list(self.stages)):
+            if name in self.pinned or methods[name] == "backprop":
+                continue
+            trial = {**methods, name: "backprop"}
+            peak = _step_peak(model, self.stages, trial, images)
+            if peak > base * (1 + FREE_PEAK_TOLERANCE):
+                break
+            reason = (
+                f"backprop: exact, no recomputation: its autograd graph fits under the step's peak "
+                f"(measured on the calibration images: {peak:.2f} MiB per image with it, {base:.2f} with {methods[name]})"
+            )
+            found.append(PolicyDecision(name, "backprop", self.step, 1.0, 1.0, reason))
+            methods = trial
+        self._free_backprop = {key: found}
+        return found
 
     def _subsets(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, params) -> list:  # noqa: ANN001
         """The two halves of the calibration batch and its first two pairs of images, with their exact gradients."""

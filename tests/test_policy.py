@@ -138,3 +138,36 @@ def test_out_of_memory_during_calibration_is_not_taken_for_a_failed_method() -> 
     model.register_forward_pre_hook(out_of_memory_on_the_first_candidate)
     with pytest.raises(torch.OutOfMemoryError, match="injected"):
         policy.calibrate(model, torch.randn(4, 4, 6, 6, dtype=torch.float64))
+
+
+def test_auto_gives_plain_backprop_to_the_stages_whose_graph_fits_under_the_peak_and_only_those() -> None:
+    """Near the output the states are small: plain backprop there saves a recomputation without raising the step's
+    peak, which a recomputation at high resolution sets. The policy measures this; checked here by measuring it
+    independently, both ways (the stage it chose does not raise the peak, the next one down would)."""
+    import timm
+
+    from lightning_resode.measure import peak_per_image
+
+    torch.manual_seed(0)
+    model = to_adjoint(timm.create_model("resnet50", pretrained=False, zero_init_last=False), calibration=torch.randn(8, 3, 64, 64))
+    policy = policy_of(model)
+    policy.external = True  # the measurements below are not training steps
+    methods = policy.methods()
+    free = [name for name, method in methods.items() if method == "backprop"]
+    assert free and free == list(methods)[-len(free) :], methods  # from the output side down
+    assert all("fits under the step's peak" in d.reason for d in policy.decisions if d.method == "backprop")
+    stages = adjoint_stages(model)
+    images = lambda b: torch.randn(b, 3, 64, 64)  # noqa: E731
+
+    def peak_with(name: str, method: str) -> float:
+        stages[name].configure(method=method)
+        try:
+            return peak_per_image(model, images).mib_per_image
+        finally:
+            stages[name].configure(method=methods[name])
+
+    chosen = peak_per_image(model, images).mib_per_image
+    lowest_free = free[0]
+    assert chosen <= peak_with(lowest_free, "block_fp16") * 1.02
+    next_down = list(methods)[list(methods).index(lowest_free) - 1]
+    assert peak_with(next_down, "backprop") > chosen * 1.01
