@@ -28,9 +28,14 @@ autograd carries zero-size placeholders (see there why).
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.autograd.profiler import record_function
 
 from .errors import AdjointError, DoubleBackwardError, ReconstructionError
@@ -404,12 +409,14 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         del x0
         x_hat = None
     x_leaf = x0 = None
+    shortcuts: list[tuple[torch.Tensor, tuple[int, int]]] = []
     if head:
         indices = tape.binding.params_of(tape.head_blocks())
         leaves = tape.binding.leaves(indices)
+        x_leaf = x_in.detach().requires_grad_(needs_input_grad)
         with torch.enable_grad(), record_function("resode::head"), tape.recomputing(tape.head_blocks(), leaves):
-            x_leaf = x_in.detach().requires_grad_(needs_input_grad)
-            x0 = tape.run_head(x_leaf, "exact")
+            with _subsampled_shortcuts([stage[i] for i in tape.head_blocks()], x_leaf, shortcuts):
+                x0 = tape.run_head(x_leaf, "exact")
     else:
         x0 = x_in
     if problem is None and plan.gradient == "adjoint" and x0 is not None and x_hat is not None:
@@ -432,14 +439,61 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     with torch.enable_grad(), record_function("resode::head"):
         root = _GradientFromHolder.apply([grad], x0)
         del grad, x0
-        inputs = ([x_leaf] if needs_input_grad else []) + [leaves[i] for i in indices]
-        grads = torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ()
+        wanted = [x_leaf, *(xs for xs, _ in shortcuts)] if needs_input_grad else []
+        grads = torch.autograd.grad(root, wanted + [leaves[i] for i in indices], allow_unused=True) if wanted or indices else ()
         del root
     grad_x = None
     if needs_input_grad:
-        grad_x, grads = grads[0], grads[1:]
+        grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
+        for (_, (sh, sw)), grad_xs in zip(shortcuts, grads[1 : len(wanted)]):
+            if grad_xs is not None:
+                grad_x[..., ::sh, ::sw] += grad_xs
+        grads = grads[len(wanted) :]
+    del shortcuts
     relay.accumulate(indices, grads)
     return grad_x, relay.param_grads
+
+
+@contextlib.contextmanager
+def _subsampled_shortcuts(blocks: list[nn.Module], x_leaf: torch.Tensor, taken: list[tuple[torch.Tensor, tuple[int, int]]]) -> Iterator[None]:
+    """In the head's recomputation, a strided 1×1 convolution of the block input (a downsampling shortcut) reads its
+    subsampled input as a leaf of its own, and its input gradient stays subsampled until added in place.
+
+    The arithmetic is the same (a 1×1 convolution with stride s only reads every s-th row and column), but the
+    VJP no longer holds a full-size input gradient for the shortcut beside the main path's, nor (on the CPU) the
+    full-size copy of the input its strided backward makes: resnet50's layer2 head VJP needs 13.9 instead of
+    19.1 MiB per image. ``taken`` receives (subsampled leaf, stride) for each such call.
+    """
+    patched = []
+    for block in blocks:
+        for module in block.modules():
+            if _strided_pointwise(module) and "forward" not in module.__dict__:
+                module.forward = functools.partial(_pointwise_on_subsampled, module, module.forward, x_leaf, taken)
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _strided_pointwise(module: nn.Module) -> bool:
+    return (
+        type(module) is nn.Conv2d
+        and module.kernel_size == (1, 1)
+        and module.padding == (0, 0)
+        and module.dilation == (1, 1)
+        and module.stride != (1, 1)
+    )
+
+
+def _pointwise_on_subsampled(conv: nn.Conv2d, plain_forward: Any, x_leaf: torch.Tensor, taken: list, inp: torch.Tensor) -> torch.Tensor:
+    if inp is not x_leaf:
+        return plain_forward(inp)
+    sh, sw = conv.stride
+    xs = x_leaf.detach()[..., ::sh, ::sw].requires_grad_(x_leaf.requires_grad)
+    taken.append((xs, (sh, sw)))
+    return F.conv2d(xs, conv.weight, conv.bias, 1, 0, 1, conv.groups)
 
 
 def _reconstruction_problem(plan: StagePlan, report: BackwardReport, x_hat: torch.Tensor, x0: torch.Tensor) -> str | None:
