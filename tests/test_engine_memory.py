@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_resode import AdjointSequential, saved_activation_bytes
-from stacks import conv_blocks, smooth_blocks
+from stacks import conv_blocks, flat_grad, relative_error, smooth_blocks
 
 
 def _saved_bytes(stage: AdjointSequential, x: torch.Tensor) -> int:
@@ -107,3 +107,46 @@ def test_a_fallback_that_is_not_needed_holds_nothing_during_the_heads_backward()
 
     without, with_fallback = working_set(False), working_set(True)
     assert with_fallback < without + gradient_bytes / 2, (with_fallback / gradient_bytes, without / gradient_bytes)
+
+
+def test_a_downsampling_heads_backward_keeps_the_strided_shortcut_small(monkeypatch):
+    """timm's downsampling block: its 1x1 stride-2 shortcut convolution reads every other row and column of the
+    block input. Plain autograd's VJP holds a full-size input gradient for it beside the main path's (and, on the
+    CPU, a full-size strided copy of the input); the engine's head VJP keeps that gradient subsampled. Exact."""
+    import copy
+
+    import timm
+
+    from lightning_resode.measure import step_memory
+
+    torch.manual_seed(0)
+    blocks = list(timm.create_model("resnet50", pretrained=False, zero_init_last=False).layer2)
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 512, 14, 14)
+    stage = AdjointSequential(blocks, exact_head=1).configure(method="block", store_every=None)
+    reference = copy.deepcopy(torch.nn.Sequential(*blocks))
+
+    def working_set(model: torch.nn.Module) -> int:
+        (model(x) * weight).sum().backward()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        measured = step_memory(lambda: (model(x) * weight).sum())
+        return measured.peak_bytes - measured.backward_start_bytes
+
+    import lightning_resode.adjoint.function as engine_function
+
+    subsampled = working_set(stage)
+    with monkeypatch.context() as patch:  # the same engine, the shortcut read as plain autograd would
+        patch.setattr(engine_function, "_strided_pointwise", lambda module: False)
+        full = working_set(stage)
+    input_bytes = x.numel() * x.element_size()
+    assert subsampled <= full - input_bytes, (subsampled / input_bytes, full / input_bytes)
+    # and the gradient is plain autograd's
+    x.grad = None
+    (reference(x) * weight).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    stage.zero_grad(set_to_none=True)
+    (stage(x) * weight).sum().backward()
+    assert relative_error(x.grad, expected) < 1e-5
+    assert relative_error(flat_grad(stage.parameters()), flat_grad(reference.parameters())) < 1e-5
