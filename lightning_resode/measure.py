@@ -192,6 +192,7 @@ def peak_per_image(
     small: int = 4,
     large: int = 8,
     warmup: bool = True,
+    loss: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> PeakPerImage:
     """The project's headline memory figure for ``model`` (docs/design.md, "How we measure").
 
@@ -203,9 +204,9 @@ def peak_per_image(
     if not 0 < small < large:
         raise ValueError(f"need 0 < small < large batch sizes, got small={small}, large={large}")
     if warmup:
-        training_step_memory(model, make_images(small))
-    low = training_step_memory(model, make_images(small))
-    high = training_step_memory(model, make_images(large))
+        training_step_memory(model, make_images(small), loss=loss)
+    low = training_step_memory(model, make_images(small), loss=loss)
+    high = training_step_memory(model, make_images(large), loss=loss)
     rest = high.backward_start_bytes / large / _MIB
     slope = (high.peak_bytes - low.peak_bytes) / (large - small) / _MIB
     return PeakPerImage(max(rest, slope), rest, slope, high.peak_during)

@@ -16,7 +16,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    batch and on two pairs of its images (an epoch's last batch can be that small), so it needs at least 4
    calibration images. A method the engine would
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
-   ``block`` (exact) always qualifies. Then, from the output side down, a stage runs plain backprop where that
+   ``block`` (exact) always qualifies. With ``backprop_where_free``, then, from the output side down, a stage runs
+   plain backprop where that
    does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
    before the larger stages below start their backward): no recomputation there, for no memory.
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
@@ -80,7 +81,7 @@ def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: 
     try:
         with planned(stages, methods={stages[n]: m for n, m in methods.items()}, fallback=True):
             torch.manual_seed(0)
-            return peak_per_image(model, lambda b: images[:b], small=images.shape[0] // 2, large=images.shape[0], warmup=False).mib_per_image
+            return peak_per_image(model, lambda b: images[:b], small=images.shape[0] // 2, large=images.shape[0], warmup=False, loss=calibration_loss).mib_per_image
     finally:
         for p, grad in zip(params, saved):
             p.grad = grad
@@ -137,7 +138,7 @@ class StagePolicy:
     recheck_every: int = 500
     sample_images: int = 16
     candidates: tuple[str, ...] = AUTO_CANDIDATES
-    backprop_where_free: bool = True
+    backprop_where_free: bool = False
     decisions: list[PolicyDecision] = field(default_factory=list)
     step: int = 0
     #: ``sync(methods or None) -> methods``: make every process use the leader's decisions (set under DDP)

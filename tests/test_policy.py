@@ -149,7 +149,7 @@ def test_auto_gives_plain_backprop_to_the_stages_whose_graph_fits_under_the_peak
     from lightning_resode.measure import peak_per_image
 
     torch.manual_seed(0)
-    model = to_adjoint(timm.create_model("resnet50", pretrained=False, zero_init_last=False), calibration=torch.randn(8, 3, 64, 64))
+    model = to_adjoint(timm.create_model("resnet50", pretrained=False, zero_init_last=False), calibration=torch.randn(8, 3, 64, 64), backprop_where_free=True)
     policy = policy_of(model)
     policy.external = True  # the measurements below are not training steps
     methods = policy.methods()
