@@ -24,8 +24,6 @@ import hashlib
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -45,11 +43,7 @@ PRETRAIN_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES: tuple[int, ...] = (5, 6, 7, 8, 9)
 #: Bump when the training code changes in a way the recipe dict below does not capture.
 #: 2: trained in float64 on one thread without oneDNN, so every x86 CPU trains the same weights.
-#: 3: and with MKL held to its AVX2 code path (an AVX-512 CPU's float64 GEMMs sum in another order).
-_RECIPE_VERSION = 3
-#: MKL's conditional numerical reproducibility: the same code path on every x86 CPU since 2013. MKL reads it
-#: once, when it loads, so a process that did not start with it trains the fixture in a child process that does.
-_MKL_PATH = {"MKL_CBWR": "AVX2"}
+_RECIPE_VERSION = 2
 _RECIPES: dict[str, dict[str, Any]] = {
     "full": {"image_size": 64, "model_kwargs": {}, "epochs": 15, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "max_shift": 4},
     "small": {
@@ -342,19 +336,6 @@ def _atomic_write(path: Path, write: Any) -> None:
             os.unlink(tmp)
 
 
-def _train_in_child(model_name: str, zero_init_last: bool, size: Size, seed: int, root: Path) -> None:
-    """Train and cache one fixture in a fresh process whose MKL starts on the fixed code path (``_MKL_PATH``)."""
-    code = (
-        "from lightning_resode.testing.trained import trained_resnet; "
-        f"trained_resnet({model_name!r}, {zero_init_last!r}, size={size!r}, seed={seed!r}, root={str(root)!r})"
-    )
-    package_root = str(Path(__file__).resolve().parents[2])
-    path = os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p)
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **_MKL_PATH, "PYTHONPATH": path}, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise RuntimeError(f"training the {model_name} fixture failed in its child process:\n{result.stderr[-3000:]}")
-
-
 def trained_resnet(
     model_name: str,
     zero_init_last: bool = True,
@@ -375,14 +356,11 @@ def trained_resnet(
     if not (weights.exists() and record.exists()):
         if not train_if_missing:
             raise FileNotFoundError(f"no cached fixture at {weights}; call with train_if_missing=True or run scripts/train_fixtures.py")
-        if any(os.environ.get(k) != v for k, v in _MKL_PATH.items()):
-            _train_in_child(model_name, zero_init_last, size, seed, weights.parent)
-        else:
-            model, info = train(model_name, zero_init_last, size=size, seed=seed)
-            state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-            _atomic_write(weights, lambda tmp: save_file(state, tmp))
-            # the record is written last: its presence marks a complete entry
-            _atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+        model, info = train(model_name, zero_init_last, size=size, seed=seed)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        _atomic_write(weights, lambda tmp: save_file(state, tmp))
+        # the record is written last: its presence marks a complete entry
+        _atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     info = json.loads(record.read_text())
     model = create_untrained(model_name, zero_init_last, size=size, seed=seed)
     model.load_state_dict(load_file(str(weights)))
