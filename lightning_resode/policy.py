@@ -17,8 +17,7 @@ depends on the weights. So it is measured, on the model's own training batches:
    calibration images. A method the engine would
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
    ``block`` (exact) always qualifies. With ``backprop_where_free``, then, from the output side down, a stage runs
-   plain backprop where that
-   does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
+   plain backprop where that does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
    before the larger stages below start their backward): no recomputation there, for no memory.
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
@@ -70,7 +69,7 @@ EARLY_RECHECKS = (1, 10, 100)
 
 
 def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: dict[str, str], images: torch.Tensor) -> float:
-    """Peak bytes per image of a training step with these methods (fallback on, as training runs them), as the
+    """Peak MiB per image of a training step with these methods (fallback on, as training runs them), as the
     slope between half the images and all of them: what the parameters and their gradients cost does not scale with
     the batch, so it cannot hide a stage's activations the way it does on a small calibration batch. ``.grad``
     untouched."""
@@ -319,7 +318,7 @@ class StagePolicy:
                     bounds[name] = max(ERROR_GROWTH * decision.reconstruction_error, ERROR_FLOOR)
         if self.backprop_where_free:
             with side_effect_free(model):
-                for decision in self._backprop_where_free(model, images, targets, chosen):
+                for decision in self._backprop_where_free(model, images, chosen):
                     chosen[decision.stage] = decision.method
                     decided[decision.stage] = decision
                     bounds.pop(decision.stage, None)
@@ -399,7 +398,7 @@ class StagePolicy:
             tried.append(f"{method} {min(cosine, model_cosine):.4f}")
         return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached its bound ({', '.join(tried)})")
 
-    def _backprop_where_free(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, chosen: dict[str, str]) -> list[PolicyDecision]:
+    def _backprop_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> list[PolicyDecision]:
         """Stages, from the output side down, whose plain autograd graph fits under the training step's peak.
 
         A stage's graph is freed before the stages below it start their backward, so keeping it costs peak memory
