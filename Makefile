@@ -20,8 +20,10 @@ run: install
 	$(VENV)/bin/lightning-resode fit --config recipes/quickstart.yaml
 
 # Test subprocesses (DDP workers, a SIGTERM'd run) share the cores with pytest; spinning OpenMP threads
-# slow them tenfold on a 2-core machine, so the test targets make idle threads sleep.
+# slow them tenfold on a 2-core machine, so the test targets make idle threads sleep. MKL_CBWR holds MKL to
+# its AVX2 code path, so the fixtures the tests train are the same weights on AVX-512 and AVX2 CPUs.
 test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
+test test-slow: export MKL_CBWR ?= AVX2
 
 test: install
 	$(PY) -m pytest -m "not slow" -q

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Train (or find in the cache) the trained-weight fixtures: timm resnet50 / resnet101, both inits, on digits 0–4.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/train_fixtures.py              # size "full" (64x64; minutes each)
-    .venv/bin/python scripts/train_fixtures.py --size small                   # what the tests use (seconds each)
+    .venv/bin/python scripts/train_fixtures.py                # size "full" (64x64; minutes each)
+    .venv/bin/python scripts/train_fixtures.py --size small   # what the tests use (seconds each)
 
 Prints one line per fixture: held-out accuracy, per-stage residual ratio and ReLU clip fraction, training time.
 The cache is ``$LIGHTNING_RESODE_CACHE`` or ``~/.cache/lightning-resode/trained``.
@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+
+os.environ.setdefault("MKL_CBWR", "AVX2")  # before MKL's first call: the same weights on AVX-512 and AVX2 CPUs
 
 from lightning_resode.testing import MODEL_NAMES, trained_resnet
 
@@ -35,7 +38,7 @@ def main() -> None:
             print(
                 f"{name} zero_init_last={zero_init_last} ({args.size}): held-out {100 * info['held_out_accuracy']:.1f} % "
                 f"of {info['held_out_images']}; residual ratio / clip fraction: {stages}; "
-                f"trained in {info['training_seconds']:.0f} s ({info['torch_threads']} thread(s)); {fixture.path.name}",
+                f"trained in {info['training_seconds']:.0f} s ({info['training_threads']} thread(s)); {fixture.path.name}",
                 flush=True,
             )
             records[f"{name}-{'zil' if zero_init_last else 'nozil'}"] = info

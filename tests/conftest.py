@@ -4,11 +4,16 @@ Several tests start subprocesses (DDP workers, the SIGTERM resume run) that shar
 cores with the test process. OpenMP's default waiting policy spins, and oversubscribed spinning slowed one
 such test from 21 s to 198 s; ``OMP_WAIT_POLICY=PASSIVE`` must be set before torch loads its OpenMP runtime,
 so it is set here, above ``import torch`` (the Makefile sets it as well).
+
+``MKL_CBWR=AVX2`` holds MKL to one code path on every x86 CPU: on AVX-512 CPUs its float64 GEMMs otherwise
+sum in another order, and the trained fixtures this suite builds would differ from another machine's. MKL
+reads it on its first call, so it too is set before anything runs.
 """
 
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("MKL_CBWR", "AVX2")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

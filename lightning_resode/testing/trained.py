@@ -11,7 +11,8 @@ after each sum that clips. These fixtures are such networks, small enough to tra
   timm's ``channels=`` argument, on 32×32 (tests; seconds each).
 
 Each is trained once, deterministically (fixed seeds, fixed data order, deterministic algorithms; in float64, on one
-thread, without oneDNN, so that another x86 CPU trains the same weights: see ``_reproducible``), and cached
+thread, without oneDNN, with MKL held to its AVX2 code path by ``MKL_CBWR=AVX2`` in the environment, so that
+another x86 CPU trains the same weights: see ``_reproducible``), and cached
 under ``$LIGHTNING_RESODE_CACHE`` or ``~/.cache/lightning-resode/trained`` as a ``.safetensors`` state dict plus
 a JSON record (held-out accuracy, per-stage residual ratio and ReLU clip fraction, seed, versions, and a hash of
 the training recipe, which is also in the file name: change the recipe and the old cache is simply not used).
@@ -26,6 +27,7 @@ import os
 import platform
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +45,12 @@ PRETRAIN_CLASSES: tuple[int, ...] = (0, 1, 2, 3, 4)
 TRANSFER_CLASSES: tuple[int, ...] = (5, 6, 7, 8, 9)
 #: Bump when the training code changes in a way the recipe dict below does not capture.
 #: 2: trained in float64 on one thread without oneDNN, so every x86 CPU trains the same weights.
-_RECIPE_VERSION = 2
+#: 3: MKL held to its AVX2 code path (``MKL_CBWR=AVX2``): MKL's float64 GEMMs took another path on AVX-512
+#:    CPUs, and a fixture trained there differed in every tensor from one trained on an AVX2 CPU.
+_RECIPE_VERSION = 3
+#: MKL reads this when it first runs, so it must be in the environment before the process's first matrix
+#: product (the test suite's conftest and the Makefile set it before torch loads).
+MKL_REPRODUCIBLE_ENV = ("MKL_CBWR", "AVX2")
 _RECIPES: dict[str, dict[str, Any]] = {
     "full": {"image_size": 64, "model_kwargs": {}, "epochs": 15, "batch_size": 32, "lr": 1e-3, "weight_decay": 0.05, "max_shift": 4},
     "small": {
@@ -252,6 +259,14 @@ def _reproducible() -> Iterator[None]:
 
 def train(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: int = 0) -> tuple[nn.Module, dict[str, Any]]:
     """Train one fixture with plain backprop (no cache); returns the model in eval mode and its record."""
+    name, value = MKL_REPRODUCIBLE_ENV
+    if os.environ.get(name) != value:
+        warnings.warn(
+            f"training fixture {model_name} without {name}={value} in the environment: on a CPU with AVX-512 its "
+            f"weights will differ from other machines'; set {name}={value} before Python starts (make test does)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     spec = recipe(model_name, zero_init_last, size=size, seed=seed)
     data = digits_split(PRETRAIN_CLASSES, spec["image_size"], test_fraction=spec["test_fraction"], split_seed=spec["split_seed"])
     start = time.perf_counter()
@@ -291,6 +306,7 @@ def train(model_name: str, zero_init_last: bool, *, size: Size = "full", seed: i
         "stages": residual_statistics(model, data.test_images),
         "training_seconds": round(seconds, 1),
         "training_threads": 1,
+        "mkl_cbwr": os.environ.get(MKL_REPRODUCIBLE_ENV[0], ""),
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
