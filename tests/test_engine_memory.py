@@ -150,3 +150,58 @@ def test_a_downsampling_heads_backward_keeps_the_strided_shortcut_small(monkeypa
     (stage(x) * weight).sum().backward()
     assert relative_error(x.grad, expected) < 1e-5
     assert relative_error(flat_grad(stage.parameters()), flat_grad(reference.parameters())) < 1e-5
+
+
+def test_a_steps_backward_keeps_a_mask_of_the_residual_sums_relu_not_the_block_output(monkeypatch):
+    """In a step's VJP, the block output is what the ReLU after the residual sum saves, and nothing else in the
+    step's graph needs it: the engine's recomputation keeps a 1-byte mask there instead (timm's bottlenecks
+    apply that ReLU in place, so this covers the in-place form). The gradients stay plain autograd's."""
+    import copy
+
+    import timm
+
+    import lightning_resode.adjoint.replay as replay
+    from lightning_resode.measure import step_memory
+
+    torch.manual_seed(0)
+    blocks = list(timm.create_model("resnet50", pretrained=False, zero_init_last=False).layer1)[1:]
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 256, 28, 28)
+    stage = AdjointSequential(blocks).configure(method="block", store_every=None)
+    reference = copy.deepcopy(torch.nn.Sequential(*blocks))
+
+    def working_set(model: torch.nn.Module) -> int:
+        (model(x) * weight).sum().backward()
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        measured = step_memory(lambda: (model(x) * weight).sum())
+        return measured.peak_bytes - measured.backward_start_bytes
+
+    masked = working_set(stage)
+    with monkeypatch.context() as patch:  # the same engine, the ReLU saving its output as autograd's does
+        patch.setattr(replay, "_RELUS", frozenset())
+        plain = working_set(stage)
+    output_bytes = x.numel() * x.element_size()
+    # 3/4 of the output's bytes leave the step's graph; the peak then moves to a later op of the VJP (measured:
+    # 5.0 -> 4.5 outputs' bytes)
+    assert masked <= plain - output_bytes // 4, (masked / output_bytes, plain / output_bytes)
+    x.grad = None
+    (reference(x) * weight).sum().backward()
+    expected = x.grad.clone()
+    x.grad = None
+    stage.zero_grad(set_to_none=True)
+    (stage(x) * weight).sum().backward()
+    assert relative_error(x.grad, expected) < 1e-5
+    assert relative_error(flat_grad(stage.parameters()), flat_grad(reference.parameters())) < 1e-5
+
+
+def test_the_masked_relu_keeps_a_non_finite_gradient_out_of_the_clipped_entries():
+    """ReLU's own backward gives 0 where the input was clipped, whatever the incoming gradient; a product with
+    the mask would give NaN there for an infinite one."""
+    from lightning_resode.adjoint.replay import _ReluKeepingMask
+
+    x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
+    grad = torch.tensor([float("inf"), float("nan"), 3.0])
+    (masked,) = torch.autograd.grad(_ReluKeepingMask.apply(x * 1, False), x, grad)
+    (plain,) = torch.autograd.grad(torch.relu(x * 1), x, grad)
+    assert torch.equal(masked, plain), (masked, plain)

@@ -415,7 +415,7 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         leaves = tape.binding.leaves(indices)
         x_leaf = x_in.detach().requires_grad_(needs_input_grad)
         with torch.enable_grad(), record_function("resode::head"), tape.recomputing(tape.head_blocks(), leaves):
-            with _subsampled_shortcuts([stage[i] for i in tape.head_blocks()], x_leaf, shortcuts):
+            with _subsampled_shortcuts([stage[i] for i in tape.head_blocks()], x_leaf, shortcuts), tape.replay.recomputing_conv_outputs():
                 x0 = tape.run_head(x_leaf, "exact")
     else:
         x0 = x_in

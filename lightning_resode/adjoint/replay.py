@@ -15,6 +15,7 @@ same function as the forward, everything the forward read implicitly must be rep
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -56,12 +57,15 @@ class BatchNormReplay(TorchFunctionMode):
         self._mode = "exact"
         self._key: EvalKey | None = None
         self._cursor = 0
+        self._last_sum: weakref.ref[torch.Tensor] | None = None
+        self._last_conv: _ConvSource | None = None
+        self._recompute_conv_outputs = False
 
     @contextlib.contextmanager
     def evaluation(self, mode: str, key: EvalKey | None = None) -> Iterator[None]:
         """Route the BatchNorm calls of one block evaluation; ``key`` names the forward evaluation."""
-        previous = (self._mode, self._key, self._cursor)
-        self._mode, self._key, self._cursor = mode, key, 0
+        previous = (self._mode, self._key, self._cursor, self._last_sum, self._last_conv)
+        self._mode, self._key, self._cursor, self._last_sum, self._last_conv = mode, key, 0, None, None
         if mode == "record":
             self.records[key] = []
         try:
@@ -74,7 +78,21 @@ class BatchNormReplay(TorchFunctionMode):
                     "run the same layers every time it is called"
                 )
         finally:
-            self._mode, self._key, self._cursor = previous
+            self._mode, self._key, self._cursor, self._last_sum, self._last_conv = previous
+
+    @contextlib.contextmanager
+    def recomputing_conv_outputs(self) -> Iterator[None]:
+        """Exact recomputations in this context keep no convolution output that only a BatchNorm reads.
+
+        Such a BatchNorm saves the convolution's input (which the convolution's own node saves anyway) and
+        recomputes its input in its backward: one more convolution, and the graph no longer holds the
+        convolution's output. For a graph built only for one VJP whose peak is that graph (a stage head).
+        """
+        previous, self._recompute_conv_outputs = self._recompute_conv_outputs, True
+        try:
+            yield
+        finally:
+            self._recompute_conv_outputs = previous
 
     def _next_record(self) -> tuple[torch.Tensor, torch.Tensor]:
         recorded = self.records.get(self._key, [])
@@ -90,6 +108,13 @@ class BatchNormReplay(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch protocol)
         kwargs = kwargs or {}
         if func is not F.batch_norm:
+            if self._mode == "substitute":
+                return self._masking_call(func, args, kwargs)
+            if self._mode == "exact" and self._recompute_conv_outputs and func is F.conv2d:
+                pointwise = None if torch.is_autocast_enabled("cpu") else _PointwiseConv.arguments(args, kwargs)
+                out = func(*args, **kwargs) if pointwise is None else _PointwiseConv.apply(*pointwise)
+                self._last_conv = _ConvSource.of(args, kwargs, out)
+                return out
             return func(*args, **kwargs)
         a = _bind_batch_norm_args(args, kwargs)
         if not a["training"]:
@@ -102,6 +127,9 @@ class BatchNormReplay(TorchFunctionMode):
             self.records[self._key].append((mean, var))
             return out
         if self._mode == "exact":
+            source, self._last_conv = self._last_conv, None
+            if source is not None and source.produced(x) and not torch.is_autocast_enabled(x.device.type):
+                return _BatchStatisticsBatchNormOfConv.apply(x, a["weight"], a["bias"], a["eps"], source, *source.tensors)
             if _lean_backward_applies(x):
                 # F.batch_norm(training=True) without running statistics, whose CPU backward would allocate a
                 # temporary the size of x on top of the recomputation's peak
@@ -110,7 +138,106 @@ class BatchNormReplay(TorchFunctionMode):
         mean_fwd, var_fwd = self._next_record()
         if self._mode == "frozen":
             return func(x, mean_fwd, var_fwd, a["weight"], a["bias"], False, 0.0, a["eps"])
+        source, self._last_conv = self._last_conv, None
+        if source is not None and source.produced(x) and not torch.is_autocast_enabled(x.device.type):
+            invstd_fwd = torch.rsqrt(var_fwd + a["eps"])
+            return _ReplayedBatchNormOfConv.apply(x, a["weight"], a["bias"], mean_fwd, var_fwd, invstd_fwd, a["eps"], source, *source.tensors)
         return _batch_norm_with_substituted_stats(x, mean_fwd, var_fwd, a["weight"], a["bias"], a["eps"])
+
+
+    def _masking_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
+        """In a VJP's recomputation, a ReLU of the residual sum keeps a 1-byte mask instead of its output.
+
+        The block's output is what that ReLU would save, and nothing else in the step's graph needs it: kept
+        as a mask, the output (the largest tensor of a bottleneck) is freed as soon as the step's forward ends.
+        """
+        if func is F.conv2d:
+            pointwise = None if torch.is_autocast_enabled("cpu") else _PointwiseConv.arguments(args, kwargs)
+            out = func(*args, **kwargs) if pointwise is None else _PointwiseConv.apply(*pointwise)
+            source = _ConvSource.of(args, kwargs, out)
+            # in a step's VJP only an expanding convolution's output is worth recomputing (its input is smaller)
+            self._last_conv = source if source is not None and out.numel() > source.tensors[0].numel() else None
+            return out
+        if func in _RELUS and args and self._last_sum is not None and args[0] is self._last_sum():
+            x = args[0]
+            inplace = func in _IN_PLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            if x.requires_grad and x.is_floating_point() and torch.is_grad_enabled():
+                return _ReluKeepingMask.apply(x, inplace)
+        out = func(*args, **kwargs)
+        if func in _SUMS and isinstance(out, torch.Tensor):
+            self._last_sum = weakref.ref(out)
+        return out
+
+
+_SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
+_IN_PLACE_RELUS = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
+_RELUS = frozenset({F.relu, torch.relu, torch.Tensor.relu}) | _IN_PLACE_RELUS
+
+
+class _PointwiseConv(torch.autograd.Function):
+    """A 1×1 convolution (stride 1, no padding) whose backward is two matrix products.
+
+    On the CPU, oneDNN's backward of such a convolution copies its output gradient to another layout, once for
+    the input gradient and once for the weight gradient: at a bottleneck's 256-channel expansion that copy is
+    the largest tensor of a step's VJP. As products over the channel dimension the gradients need no copy.
+    """
+
+    @staticmethod
+    def arguments(args: tuple, kwargs: dict) -> tuple | None:
+        bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
+        bound.update(kwargs)
+        x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+        if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"):
+            return None
+        if not (x.is_contiguous() and weight.shape[2:] == (1, 1) and torch.is_grad_enabled()):
+            return None
+        options = [bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))]
+        if any(o not in (1, (1, 1), [1, 1]) for o in (options[0], options[2])) or options[1] not in (0, (0, 0), [0, 0], "valid"):
+            return None
+        if options[3] != 1 or x.dtype != weight.dtype:
+            return None
+        return x, weight, bias
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        n, c, h, w = x.shape
+        out_channels = weight.shape[0]
+        grad_out = grad_out.contiguous().view(n, out_channels, h * w)
+        matrix = weight.view(out_channels, c)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # bmm, not matmul: matmul folds the batch of a broadcast product into a copy
+            grad_x = torch.bmm(matrix.t().expand(n, c, out_channels), grad_out).view(n, c, h, w)
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.bmm(grad_out, x.view(n, c, h * w).transpose(1, 2)).sum(0).view_as(weight)
+        grad_bias = grad_out.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+class _ReluKeepingMask(torch.autograd.Function):
+    """ReLU whose backward reads a boolean mask of the positive inputs (1 byte an entry, not the output)."""
+
+    @staticmethod
+    def forward(ctx, x, inplace):  # noqa: ANN001, ANN205
+        mask = x > 0
+        ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.relu_()
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        (mask,) = ctx.saved_tensors
+        # where, not a product: like ReLU's own backward, a non-finite gradient stays out of the clipped entries
+        return torch.where(mask, grad_out, grad_out.new_zeros(())), None
 
 
 def _batch_norm_keeping_statistics(func, a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,15 +287,20 @@ class _ReplayedBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         x, weight, mean_fwd, invstd_fwd = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
-        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-        if _lean_backward_applies(x) and grad_out.is_contiguous() and mask[0]:
-            grad_x, grad_w, grad_b = _lean_batch_norm_backward(grad_out, x, weight, mean_fwd, invstd_fwd)
-            return grad_x, grad_w if mask[1] else None, grad_b if mask[2] else None, None, None, None, None
-        grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, None, None, mean_fwd, invstd_fwd, True, ctx.eps, mask
-        )
-        return grad_x, grad_w, grad_b, None, None, None, None
+        return (*_batch_norm_backward(ctx, grad_out, x, weight, mean_fwd, invstd_fwd), None, None, None, None)
+
+
+def _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd):  # noqa: ANN001, ANN202
+    """Training-mode BatchNorm's (grad_x, grad_weight, grad_bias) at x with batch statistics (mean, invstd)."""
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+    grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+    if _lean_backward_applies(x) and grad_out.is_contiguous() and mask[0]:
+        grad_x, grad_w, grad_b = _lean_batch_norm_backward(grad_out, x, weight, mean, invstd)
+        return grad_x, grad_w if mask[1] else None, grad_b if mask[2] else None
+    grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, mask
+    )
+    return grad_x, grad_w, grad_b
 
 
 class _BatchStatisticsBatchNorm(torch.autograd.Function):
@@ -183,8 +315,78 @@ class _BatchStatisticsBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        grads = _ReplayedBatchNorm.backward(ctx, grad_out)
-        return grads[0], grads[1], grads[2], None
+        x, weight, mean, invstd = ctx.saved_tensors
+        return (*_batch_norm_backward(ctx, grad_out, x, weight, mean, invstd), None)
+
+
+@dataclass
+class _ConvSource:
+    """A ``F.conv2d`` call whose output may be recomputed: its output (weakly) and what recomputes it."""
+
+    output: weakref.ref
+    tensors: tuple[torch.Tensor, ...]  # input, weight[, bias]
+    options: tuple  # stride, padding, dilation, groups
+
+    @staticmethod
+    def of(args: tuple, kwargs: dict, out: Any) -> "_ConvSource | None":
+        bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
+        bound.update(kwargs)
+        if not isinstance(out, torch.Tensor) or not isinstance(bound.get("input"), torch.Tensor):
+            return None
+        bias = bound.get("bias")
+        tensors = (bound["input"], bound["weight"]) + ((bias,) if bias is not None else ())
+        options = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
+        return _ConvSource(weakref.ref(out), tensors, options)
+
+    def produced(self, x: torch.Tensor) -> bool:
+        return self.output() is x
+
+    def recompute(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inp, weight, *bias = tensors
+        with torch.no_grad():
+            return F.conv2d(inp, weight, bias[0] if bias else None, *self.options)
+
+
+class _BatchStatisticsBatchNormOfConv(torch.autograd.Function):
+    """``_BatchStatisticsBatchNorm`` of a convolution's output that saves the convolution's input, not its own.
+
+    The convolution's input and weight are passed (and saved) only to recompute the BatchNorm input in the
+    backward; their gradients come from the convolution's own node, so this node returns none for them.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, source, *conv_tensors):  # noqa: ANN001, ANN205
+        out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
+        ctx.save_for_backward(weight, mean, invstd, *conv_tensors)
+        ctx.eps, ctx.source = eps, source
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        weight, mean, invstd, *conv_tensors = ctx.saved_tensors
+        x = ctx.source.recompute(tuple(conv_tensors))
+        del conv_tensors
+        grad_x, grad_w, grad_b = _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd)
+        return (grad_x, grad_w, grad_b, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+class _ReplayedBatchNormOfConv(torch.autograd.Function):
+    """``_ReplayedBatchNorm`` of a convolution's output that saves the convolution's input, not its own."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_fwd, var_fwd, invstd_fwd, eps, source, *conv_tensors):  # noqa: ANN001, ANN205
+        out = torch.native_batch_norm(x, weight, bias, mean_fwd, var_fwd, False, 0.0, eps)[0]
+        ctx.save_for_backward(weight, mean_fwd, invstd_fwd, *conv_tensors)
+        ctx.eps, ctx.source = eps, source
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        weight, mean, invstd, *conv_tensors = ctx.saved_tensors
+        x = ctx.source.recompute(tuple(conv_tensors))
+        del conv_tensors
+        grad_x, grad_w, grad_b = _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd)
+        return (grad_x, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _lean_backward_applies(x: torch.Tensor) -> bool:
