@@ -160,7 +160,7 @@ def test_a_steps_backward_keeps_a_mask_of_the_residual_sums_relu_not_the_block_o
 
     import timm
 
-    import lightning_resode.adjoint.replay as replay
+    import lightning_resode.adjoint.lean as lean
     from lightning_resode.measure import step_memory
 
     torch.manual_seed(0)
@@ -179,7 +179,7 @@ def test_a_steps_backward_keeps_a_mask_of_the_residual_sums_relu_not_the_block_o
 
     masked = working_set(stage)
     with monkeypatch.context() as patch:  # the same engine, the ReLU saving its output as autograd's does
-        patch.setattr(replay, "_RELUS", frozenset())
+        patch.setattr(lean, "RELUS", frozenset())
         plain = working_set(stage)
     output_bytes = x.numel() * x.element_size()
     # 3/4 of the output's bytes leave the step's graph; the peak then moves to a later op of the VJP (measured:
@@ -198,10 +198,10 @@ def test_a_steps_backward_keeps_a_mask_of_the_residual_sums_relu_not_the_block_o
 def test_the_masked_relu_keeps_a_non_finite_gradient_out_of_the_clipped_entries():
     """ReLU's own backward gives 0 where the input was clipped, whatever the incoming gradient; a product with
     the mask would give NaN there for an infinite one."""
-    from lightning_resode.adjoint.replay import _ReluKeepingMask
+    from lightning_resode.adjoint.lean import ReluKeepingMask
 
     x = torch.tensor([-1.0, 0.0, 2.0], requires_grad=True)
     grad = torch.tensor([float("inf"), float("nan"), 3.0])
-    (masked,) = torch.autograd.grad(_ReluKeepingMask.apply(x * 1, False), x, grad)
+    (masked,) = torch.autograd.grad(ReluKeepingMask.apply(x * 1, False), x, grad)
     (plain,) = torch.autograd.grad(torch.relu(x * 1), x, grad)
     assert torch.equal(masked, plain), (masked, plain)

@@ -39,8 +39,10 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from .errors import AdjointError, DoubleBackwardError, ReconstructionError
+from .lean import CompactInput
 from .plan import StagePlan, resolve_plan
 from .report import BackwardReport
+from .schemes import Euler
 from .tape import BackwardRelay, Tape
 
 
@@ -285,6 +287,11 @@ class StageCheckpoint(torch.autograd.Function):
 
 
 # ---------------------------------------------------------------------------------------------- one step
+def _single_evaluation(scheme: Any) -> bool:
+    """Whether a step of ``scheme`` is its block's output and nothing else: no arithmetic on x outside the block."""
+    return type(scheme).step is Euler.step
+
+
 def _block_step(tape: Tape, s: int, below: torch.Tensor | None, run: Any = None) -> torch.Tensor | None:
     """VJP of step s from its stored (possibly 16-bit) input; with ``store_every``, the top step of a run first
     re-runs the run from its kept input. ``below``/``run``: what this node keeps for the step (or run) below."""
@@ -296,8 +303,10 @@ def _block_step(tape: Tape, s: int, below: torch.Tensor | None, run: Any = None)
         relay.stored, relay.run_below = below, run
     else:
         x_s, relay.stored = relay.stored, below
-    x_s = x_s.to(tape.state_dtype)  # the relay no longer holds the compressed copy: it is freed here
-    grad_x, _ = _step_vjp(tape, s, x_s, _wants_input_grad(tape, s), want_cache=False)
+    # the stored (possibly 16-bit) input itself, handed over: the VJP upcasts it, and may keep it instead of the copy
+    box = [x_s]
+    del x_s
+    grad_x, _ = _step_vjp(tape, s, box, _wants_input_grad(tape, s), want_cache=False)
     return grad_x
 
 
@@ -328,7 +337,7 @@ def _adjoint_step(tape: Tape, s: int, below: torch.Tensor | None) -> torch.Tenso
     x_s = _reconstruct(tape, s, anchor)
     del anchor
     want_x = _wants_input_grad(tape, s)
-    grad_x, cache = _step_vjp(tape, s, x_s, want_x, want_cache=s > 0 and tape.scheme.uses_cache)
+    grad_x, cache = _step_vjp(tape, s, [x_s], want_x, want_cache=s > 0 and tape.scheme.uses_cache)
     if tape.plan.check_finite:
         # A sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each.
         # Parameter gradients are products of these two and finite weights, so checking them adds nothing.
@@ -361,21 +370,28 @@ def _reconstruct(tape: Tape, s: int, anchor: torch.Tensor | None) -> torch.Tenso
     return x_s
 
 
-def _step_vjp(tape: Tape, s: int, x_s: torch.Tensor, want_x: bool, want_cache: bool) -> tuple[torch.Tensor | None, Any]:
-    """VJP of step s at x_s of the relay's gradient (BatchNorm with the forward's statistics); parameter
-    gradients go to the relay. Returns (∂L/∂x_s or None, the scheme's cache for the step below or None)."""
+def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_cache: bool) -> tuple[torch.Tensor | None, Any]:
+    """VJP of step s at x_s (taken out of ``box``, so that the caller holds no reference to it) of the relay's
+    gradient (BatchNorm with the forward's statistics); parameter gradients go to the relay. Returns (∂L/∂x_s or
+    None, the scheme's cache for the step below or None)."""
     relay = tape.relay
     blocks = tape.step_blocks(s)
     indices = tape.binding.params_of(blocks)
     leaves = tape.binding.leaves(indices)
     holder = relay.take_grad()
     with torch.enable_grad(), record_function(f"resode::step{s}"), tape.recomputing(blocks, leaves):
-        x_leaf = x_s.detach()
+        x_s = box.pop().detach()
+        compact = None
+        if x_s.dtype.itemsize < tape.state_dtype.itemsize and _single_evaluation(tape.scheme):
+            compact = CompactInput(x_s, tape.state_dtype)  # the float32 values are made only if an op needs them
+            x_leaf = compact.leaf
+        else:
+            x_leaf = x_s if x_s.dtype == tape.state_dtype else x_s.to(tape.state_dtype)
         del x_s
-        if x_leaf.dtype != tape.state_dtype:
-            x_leaf = x_leaf.to(tape.state_dtype)
         x_leaf.requires_grad_(want_x)
-        out, cache = tape.scheme.step(s, x_leaf, tape.evaluator("substitute"))
+        with tape.replay.compact_input(compact):
+            out, cache = tape.scheme.step(s, x_leaf, tape.evaluator("substitute"))
+        del compact
         cache = (cache.detach() if isinstance(cache, torch.Tensor) else cache) if want_cache else None
         root = _GradientFromHolder.apply(holder, out)
         del out
@@ -415,7 +431,7 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         leaves = tape.binding.leaves(indices)
         x_leaf = x_in.detach().requires_grad_(needs_input_grad)
         with torch.enable_grad(), record_function("resode::head"), tape.recomputing(tape.head_blocks(), leaves):
-            with _subsampled_shortcuts([stage[i] for i in tape.head_blocks()], x_leaf, shortcuts), tape.replay.recomputing_conv_outputs():
+            with _subsampled_shortcuts([stage[i] for i in tape.head_blocks()], x_leaf, shortcuts), tape.replay.lean_head():
                 x0 = tape.run_head(x_leaf, "exact")
     else:
         x0 = x_in

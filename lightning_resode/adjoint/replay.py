@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from . import lean
+
 EvalKey = Hashable
 
 _BN_ARG_NAMES = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
@@ -58,8 +60,9 @@ class BatchNormReplay(TorchFunctionMode):
         self._key: EvalKey | None = None
         self._cursor = 0
         self._last_sum: weakref.ref[torch.Tensor] | None = None
-        self._last_conv: _ConvSource | None = None
-        self._recompute_conv_outputs = False
+        self._last_conv: lean.ConvSource | None = None
+        self._lean_head = False
+        self._compact: lean.CompactInput | None = None
 
     @contextlib.contextmanager
     def evaluation(self, mode: str, key: EvalKey | None = None) -> Iterator[None]:
@@ -81,18 +84,25 @@ class BatchNormReplay(TorchFunctionMode):
             self._mode, self._key, self._cursor, self._last_sum, self._last_conv = previous
 
     @contextlib.contextmanager
-    def recomputing_conv_outputs(self) -> Iterator[None]:
-        """Exact recomputations in this context keep no convolution output that only a BatchNorm reads.
-
-        Such a BatchNorm saves the convolution's input (which the convolution's own node saves anyway) and
-        recomputes its input in its backward: one more convolution, and the graph no longer holds the
-        convolution's output. For a graph built only for one VJP whose peak is that graph (a stage head).
-        """
-        previous, self._recompute_conv_outputs = self._recompute_conv_outputs, True
+    def lean_head(self) -> Iterator[None]:
+        """Exact recomputations in this context build a head's leaner graph (``lean``): 1×1 convolutions with
+        product backwards, and no convolution output kept that only a BatchNorm reads (that BatchNorm saves the
+        convolution's input and recomputes the output in its backward: one more convolution per head)."""
+        previous, self._lean_head = self._lean_head, True
         try:
             yield
         finally:
-            self._recompute_conv_outputs = previous
+            self._lean_head = previous
+
+    @contextlib.contextmanager
+    def compact_input(self, compact: lean.CompactInput | None) -> Iterator[None]:
+        """While recomputing a step at ``compact.leaf``: its 1×1 convolutions and residual sums read the 16-bit
+        copy, and any other read of the leaf gives it its values first."""
+        previous, self._compact = self._compact, compact
+        try:
+            yield
+        finally:
+            self._compact = previous
 
     def _next_record(self) -> tuple[torch.Tensor, torch.Tensor]:
         recorded = self.records.get(self._key, [])
@@ -108,18 +118,15 @@ class BatchNormReplay(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch protocol)
         kwargs = kwargs or {}
         if func is not F.batch_norm:
-            if self._mode == "substitute":
-                return self._masking_call(func, args, kwargs)
-            if self._mode == "exact" and self._recompute_conv_outputs and func is F.conv2d:
-                pointwise = None if torch.is_autocast_enabled("cpu") else _PointwiseConv.arguments(args, kwargs)
-                out = func(*args, **kwargs) if pointwise is None else _PointwiseConv.apply(*pointwise)
-                self._last_conv = _ConvSource.of(args, kwargs, out)
-                return out
+            if self._mode == "substitute" or (self._mode == "exact" and self._lean_head):
+                return self._lean_call(func, args, kwargs)
             return func(*args, **kwargs)
         a = _bind_batch_norm_args(args, kwargs)
+        x = a["input"]
+        if self._compact is not None and x is self._compact.leaf:
+            self._compact.materialize()
         if not a["training"]:
             return func(*args, **kwargs)
-        x = a["input"]
         if self._mode == "forward":
             return func(*args, **kwargs)
         if self._mode == "record":
@@ -128,7 +135,7 @@ class BatchNormReplay(TorchFunctionMode):
             return out
         if self._mode == "exact":
             source, self._last_conv = self._last_conv, None
-            if source is not None and source.produced(x) and not torch.is_autocast_enabled(x.device.type):
+            if source is not None and source.produced(x):
                 return _BatchStatisticsBatchNormOfConv.apply(x, a["weight"], a["bias"], a["eps"], source, *source.tensors)
             if _lean_backward_applies(x):
                 # F.batch_norm(training=True) without running statistics, whose CPU backward would allocate a
@@ -138,106 +145,63 @@ class BatchNormReplay(TorchFunctionMode):
         mean_fwd, var_fwd = self._next_record()
         if self._mode == "frozen":
             return func(x, mean_fwd, var_fwd, a["weight"], a["bias"], False, 0.0, a["eps"])
-        source, self._last_conv = self._last_conv, None
-        if source is not None and source.produced(x) and not torch.is_autocast_enabled(x.device.type):
-            invstd_fwd = torch.rsqrt(var_fwd + a["eps"])
-            return _ReplayedBatchNormOfConv.apply(x, a["weight"], a["bias"], mean_fwd, var_fwd, invstd_fwd, a["eps"], source, *source.tensors)
         return _batch_norm_with_substituted_stats(x, mean_fwd, var_fwd, a["weight"], a["bias"], a["eps"])
 
 
-    def _masking_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
-        """In a VJP's recomputation, a ReLU of the residual sum keeps a 1-byte mask instead of its output.
-
-        The block's output is what that ReLU would save, and nothing else in the step's graph needs it: kept
-        as a mask, the output (the largest tensor of a bottleneck) is freed as soon as the step's forward ends.
-        """
+    def _lean_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
+        """A call of a step's (``substitute``) or a head's (``exact`` under ``lean_head``) graph, in ``lean`` form."""
+        compact = self._compact
+        if compact is not None and not compact.materialized and func not in _METADATA and any(a is compact.leaf for a in (*args, *kwargs.values())):
+            sum_of_leaf = _residual_sum_with(compact, func, args, kwargs)
+            if sum_of_leaf is not None:
+                self._last_sum = weakref.ref(sum_of_leaf)
+                return sum_of_leaf
+            if not (func is F.conv2d and (pointwise := lean.pointwise_conv_arguments(args, kwargs)) is not None and pointwise[0] is compact.leaf):
+                compact.materialize()
         if func is F.conv2d:
-            pointwise = None if torch.is_autocast_enabled("cpu") else _PointwiseConv.arguments(args, kwargs)
-            out = func(*args, **kwargs) if pointwise is None else _PointwiseConv.apply(*pointwise)
-            source = _ConvSource.of(args, kwargs, out)
-            # in a step's VJP only an expanding convolution's output is worth recomputing (its input is smaller)
-            self._last_conv = source if source is not None and out.numel() > source.tensors[0].numel() else None
+            pointwise = lean.pointwise_conv_arguments(args, kwargs)
+            if pointwise is None:
+                out = func(*args, **kwargs)
+            else:
+                reads_compact = compact is not None and not compact.materialized and pointwise[0] is compact.leaf
+                out = lean.PointwiseConv.apply(*pointwise, compact.compact if reads_compact else None)
+            if self._mode == "exact":
+                self._last_conv = lean.ConvSource.of(args, kwargs, out)
             return out
-        if func in _RELUS and args and self._last_sum is not None and args[0] is self._last_sum():
+        if self._mode == "substitute" and func in lean.RELUS and args and self._last_sum is not None and args[0] is self._last_sum():
+            # in a head the output is the VJP's root, alive until the graph is built anyway: the mask would add
             x = args[0]
-            inplace = func in _IN_PLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
             if x.requires_grad and x.is_floating_point() and torch.is_grad_enabled():
-                return _ReluKeepingMask.apply(x, inplace)
+                return lean.ReluKeepingMask.apply(x, lean.relu_is_in_place(func, args, kwargs))
         out = func(*args, **kwargs)
-        if func in _SUMS and isinstance(out, torch.Tensor):
+        if func in lean.SUMS and isinstance(out, torch.Tensor):
             self._last_sum = weakref.ref(out)
         return out
 
 
-_SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
-_IN_PLACE_RELUS = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
-_RELUS = frozenset({F.relu, torch.relu, torch.Tensor.relu}) | _IN_PLACE_RELUS
+#: reads of a tensor that save nothing of its values
+_METADATA = frozenset({
+    torch.Tensor.size, torch.Tensor.dim, torch.Tensor.numel, torch.Tensor.is_floating_point, torch.Tensor.is_contiguous,
+    torch.Tensor.shape.__get__, torch.Tensor.dtype.__get__, torch.Tensor.device.__get__, torch.Tensor.ndim.__get__,
+    torch.Tensor.requires_grad.__get__, torch.Tensor.layout.__get__, torch.Tensor.is_cuda.__get__,
+})
 
 
-class _PointwiseConv(torch.autograd.Function):
-    """A 1×1 convolution (stride 1, no padding) whose backward is two matrix products.
-
-    On the CPU, oneDNN's backward of such a convolution copies its output gradient to another layout, once for
-    the input gradient and once for the weight gradient: at a bottleneck's 256-channel expansion that copy is
-    the largest tensor of a step's VJP. As products over the channel dimension the gradients need no copy.
-    """
-
-    @staticmethod
-    def arguments(args: tuple, kwargs: dict) -> tuple | None:
-        bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
-        bound.update(kwargs)
-        x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
-        if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"):
-            return None
-        if not (x.is_contiguous() and weight.shape[2:] == (1, 1) and torch.is_grad_enabled()):
-            return None
-        options = [bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1))]
-        if any(o not in (1, (1, 1), [1, 1]) for o in (options[0], options[2])) or options[1] not in (0, (0, 0), [0, 0], "valid"):
-            return None
-        if options[3] != 1 or x.dtype != weight.dtype:
-            return None
-        return x, weight, bias
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return F.conv2d(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        x, weight = ctx.saved_tensors
-        n, c, h, w = x.shape
-        out_channels = weight.shape[0]
-        grad_out = grad_out.contiguous().view(n, out_channels, h * w)
-        matrix = weight.view(out_channels, c)
-        grad_x = None
-        if ctx.needs_input_grad[0]:  # bmm, not matmul: matmul folds the batch of a broadcast product into a copy
-            grad_x = torch.bmm(matrix.t().expand(n, c, out_channels), grad_out).view(n, c, h, w)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight = torch.bmm(grad_out, x.view(n, c, h * w).transpose(1, 2)).sum(0).view_as(weight)
-        grad_bias = grad_out.sum((0, 2)) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_weight, grad_bias
+_IN_PLACE_SUMS = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__})
 
 
-class _ReluKeepingMask(torch.autograd.Function):
-    """ReLU whose backward reads a boolean mask of the positive inputs (1 byte an entry, not the output)."""
-
-    @staticmethod
-    def forward(ctx, x, inplace):  # noqa: ANN001, ANN205
-        mask = x > 0
-        ctx.save_for_backward(mask)
-        if inplace:
-            ctx.mark_dirty(x)
-            return x.relu_()
-        return torch.relu(x)
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        (mask,) = ctx.saved_tensors
-        # where, not a product: like ReLU's own backward, a non-finite gradient stays out of the clipped entries
-        return torch.where(mask, grad_out, grad_out.new_zeros(())), None
+def _residual_sum_with(compact: lean.CompactInput, func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """``y + leaf`` (or ``y += leaf``) of the compact leaf and another tensor of its shape, else None."""
+    if func not in lean.SUMS or kwargs or len(args) != 2:
+        return None
+    first, second = args
+    if first is compact.leaf and func not in _IN_PLACE_SUMS:
+        first, second = second, first
+    if second is not compact.leaf or not isinstance(first, torch.Tensor) or first is compact.leaf:
+        return None
+    if first.shape != compact.leaf.shape or first.dtype != compact.leaf.dtype:
+        return None
+    return lean.ResidualAdd.apply(first, compact.leaf, compact.compact, func in _IN_PLACE_SUMS)
 
 
 def _batch_norm_keeping_statistics(func, a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -319,34 +283,6 @@ class _BatchStatisticsBatchNorm(torch.autograd.Function):
         return (*_batch_norm_backward(ctx, grad_out, x, weight, mean, invstd), None)
 
 
-@dataclass
-class _ConvSource:
-    """A ``F.conv2d`` call whose output may be recomputed: its output (weakly) and what recomputes it."""
-
-    output: weakref.ref
-    tensors: tuple[torch.Tensor, ...]  # input, weight[, bias]
-    options: tuple  # stride, padding, dilation, groups
-
-    @staticmethod
-    def of(args: tuple, kwargs: dict, out: Any) -> "_ConvSource | None":
-        bound = dict(zip(("input", "weight", "bias", "stride", "padding", "dilation", "groups"), args))
-        bound.update(kwargs)
-        if not isinstance(out, torch.Tensor) or not isinstance(bound.get("input"), torch.Tensor):
-            return None
-        bias = bound.get("bias")
-        tensors = (bound["input"], bound["weight"]) + ((bias,) if bias is not None else ())
-        options = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
-        return _ConvSource(weakref.ref(out), tensors, options)
-
-    def produced(self, x: torch.Tensor) -> bool:
-        return self.output() is x
-
-    def recompute(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        inp, weight, *bias = tensors
-        with torch.no_grad():
-            return F.conv2d(inp, weight, bias[0] if bias else None, *self.options)
-
-
 class _BatchStatisticsBatchNormOfConv(torch.autograd.Function):
     """``_BatchStatisticsBatchNorm`` of a convolution's output that saves the convolution's input, not its own.
 
@@ -368,25 +304,6 @@ class _BatchStatisticsBatchNormOfConv(torch.autograd.Function):
         del conv_tensors
         grad_x, grad_w, grad_b = _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd)
         return (grad_x, grad_w, grad_b, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
-
-
-class _ReplayedBatchNormOfConv(torch.autograd.Function):
-    """``_ReplayedBatchNorm`` of a convolution's output that saves the convolution's input, not its own."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean_fwd, var_fwd, invstd_fwd, eps, source, *conv_tensors):  # noqa: ANN001, ANN205
-        out = torch.native_batch_norm(x, weight, bias, mean_fwd, var_fwd, False, 0.0, eps)[0]
-        ctx.save_for_backward(weight, mean_fwd, invstd_fwd, *conv_tensors)
-        ctx.eps, ctx.source = eps, source
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        weight, mean, invstd, *conv_tensors = ctx.saved_tensors
-        x = ctx.source.recompute(tuple(conv_tensors))
-        del conv_tensors
-        grad_x, grad_w, grad_b = _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd)
-        return (grad_x, grad_w, grad_b) + (None,) * (len(ctx.needs_input_grad) - 3)
 
 
 def _lean_backward_applies(x: torch.Tensor) -> bool:

@@ -1,0 +1,182 @@
+"""Leaner autograd graphs for the engine's recomputations: the same gradients, fewer or smaller saved tensors.
+
+Each backward node of an adjoint stage rebuilds one step's graph (or the head's) and runs its VJP at once; the
+graph's saved tensors plus the VJP's temporaries are the backward's working set, and in a bottleneck they are
+dominated by 4×-channel tensors. The forms here remove such tensors without changing any gradient formula:
+
+- ``ReluKeepingMask``: the ReLU after a residual sum saves a 1-byte mask of its positive inputs. Autograd's
+  ReLU saves its output, which is the block output: nothing else in the step's graph needs it.
+- ``PointwiseConv``: a 1×1 convolution's backward as two batched matrix products. On the CPU, oneDNN's backward
+  copies the output gradient into another layout (for the input and again for the weight gradient); at a
+  bottleneck's 4× expansion that copy was the largest temporary of the VJP. It may also save a 16-bit copy of
+  its input that upcasts exactly to it (a stored block input), not the float32 input.
+- ``ConvSource``: what recomputes a convolution's output, so that a BatchNorm reading only that output can
+  save the convolution's input instead (``replay``'s BatchNorm-of-convolution nodes). Used in a stage head's
+  VJP, where it costs one convolution per stage.
+
+``replay.BatchNormReplay`` routes a recomputation's calls here: it sees every torch function of it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
+IN_PLACE_RELUS = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
+RELUS = frozenset({F.relu, torch.relu, torch.Tensor.relu}) | IN_PLACE_RELUS
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+
+
+def relu_is_in_place(func: Any, args: tuple, kwargs: dict) -> bool:
+    return func in IN_PLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+
+
+class ReluKeepingMask(torch.autograd.Function):
+    """ReLU whose backward reads a boolean mask of the positive inputs (1 byte an entry, not the output)."""
+
+    @staticmethod
+    def forward(ctx, x, inplace):  # noqa: ANN001, ANN205
+        mask = x > 0
+        ctx.save_for_backward(mask)
+        if inplace:
+            ctx.mark_dirty(x)
+            return x.relu_()
+        return torch.relu(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        (mask,) = ctx.saved_tensors
+        # where, not a product: like ReLU's own backward, a non-finite gradient stays out of the clipped entries
+        return torch.where(mask, grad_out, grad_out.new_zeros(())), None
+
+
+def pointwise_conv_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(input, weight, bias) of a ``F.conv2d`` call that ``PointwiseConv`` computes the same, else None."""
+    bound = dict(zip(_CONV_ARGS, args))
+    bound.update(kwargs)
+    x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
+    if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"):
+        return None
+    if not (x.is_contiguous() and weight.shape[2:] == (1, 1) and x.dtype == weight.dtype and torch.is_grad_enabled()):
+        return None
+    if torch.is_autocast_enabled("cpu"):
+        return None
+    stride, padding, dilation, groups = (bound.get(k, d) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1), ("groups", 1)))
+    if stride not in (1, (1, 1), [1, 1]) or dilation not in (1, (1, 1), [1, 1]) or padding not in (0, (0, 0), [0, 0], "valid"):
+        return None
+    return (x, weight, bias) if groups == 1 else None
+
+
+class PointwiseConv(torch.autograd.Function):
+    """A 1×1 convolution (stride 1, no padding, one group) whose backward is two batched matrix products.
+
+    ``compact``, when given, is a lower-precision tensor that converts exactly to ``x``: it is saved instead of
+    ``x`` and converted back a few images at a time for the weight gradient; the forward reads it too, so ``x``
+    itself need not hold its values (see ``CompactInput``).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, compact):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x if compact is None else compact, weight)
+        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
+        return F.conv2d(x if compact is None else compact.to(x.dtype), weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        saved, weight = ctx.saved_tensors
+        n, c, h, w = saved.shape
+        out_channels = weight.shape[0]
+        grad_out = grad_out.contiguous().view(n, out_channels, h * w)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:  # bmm, not matmul: matmul folds the batch of a broadcast product into a copy
+            grad_x = torch.bmm(weight.view(out_channels, c).t().expand(n, c, out_channels), grad_out).view(n, c, h, w)
+        if ctx.needs_input_grad[1]:
+            if saved.dtype == ctx.dtype:
+                grad_weight = torch.bmm(grad_out, saved.view(n, c, h * w).transpose(1, 2)).sum(0)
+            else:
+                grad_weight = weight.new_zeros(out_channels, c)
+                chunk = max(1, -(-n // 8))  # the upcast copy is at most an eighth of the input
+                for i in range(0, n, chunk):
+                    x = saved[i : i + chunk].to(ctx.dtype).view(-1, c, h * w)
+                    grad_weight += torch.bmm(grad_out[i : i + chunk], x.transpose(1, 2)).sum(0)
+            grad_weight = grad_weight.view_as(weight)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2))
+        return grad_x, grad_weight, grad_bias, None
+
+
+class ResidualAdd(torch.autograd.Function):
+    """``y + x`` (in place into ``y`` when asked) where x's values are read from ``compact`` (see ``CompactInput``)."""
+
+    @staticmethod
+    def forward(ctx, y, x, compact, inplace):  # noqa: ANN001, ANN205
+        if inplace:
+            ctx.mark_dirty(y)
+            out = y
+        else:
+            out = y.clone()
+        # a few images at a time: a mixed-precision add would upcast all of ``compact`` into a temporary first
+        chunk = max(1, -(-len(out) // 8))
+        for i in range(0, len(out), chunk):
+            out[i : i + chunk] += compact[i : i + chunk]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        return grad_out, grad_out, None, None
+
+
+class CompactInput:
+    """A step's input leaf whose float32 values live only in a 16-bit copy that converts exactly to them.
+
+    A stored 16-bit block input is upcast for the VJP; the upcast copy is the largest tensor of a step's graph
+    and in a bottleneck only two ops read it: the first 1×1 convolution (``PointwiseConv`` reads and saves the
+    16-bit copy) and the residual sum (``ResidualAdd``). So the leaf is created without values (its storage
+    released) and is given them (``materialize``) only if any other op reads it, before that op runs.
+    """
+
+    def __init__(self, compact: torch.Tensor, dtype: torch.dtype) -> None:
+        self.compact = compact
+        self.leaf = torch.empty_like(compact, dtype=dtype)
+        self.leaf.untyped_storage().resize_(0)
+        self.materialized = False
+
+    def materialize(self) -> None:
+        if not self.materialized:
+            self.materialized = True
+            self.leaf.untyped_storage().resize_(self.leaf.numel() * self.leaf.element_size())
+            with torch.no_grad():
+                self.leaf.copy_(self.compact)
+
+
+@dataclass
+class ConvSource:
+    """A ``F.conv2d`` call whose output may be recomputed: its output (weakly) and what recomputes it."""
+
+    output: weakref.ref
+    tensors: tuple[torch.Tensor, ...]  # input, weight[, bias]
+    options: tuple[Any, Any, Any, Any]  # stride, padding, dilation, groups
+
+    @staticmethod
+    def of(args: tuple, kwargs: dict, out: Any) -> "ConvSource | None":
+        bound = dict(zip(_CONV_ARGS, args))
+        bound.update(kwargs)
+        if not isinstance(out, torch.Tensor) or not isinstance(bound.get("input"), torch.Tensor):
+            return None
+        bias = bound.get("bias")
+        tensors = (bound["input"], bound["weight"]) + ((bias,) if bias is not None else ())
+        options = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
+        return ConvSource(weakref.ref(out), tensors, options)
+
+    def produced(self, x: torch.Tensor) -> bool:
+        return self.output() is x and not torch.is_autocast_enabled(x.device.type)
+
+    def recompute(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inp, weight, *bias = tensors
+        with torch.no_grad():
+            return F.conv2d(inp, weight, bias[0] if bias else None, *self.options)
