@@ -37,22 +37,37 @@ def relu_is_in_place(func: Any, args: tuple, kwargs: dict) -> bool:
 
 
 class ReluKeepingMask(torch.autograd.Function):
-    """ReLU whose backward reads a boolean mask of the positive inputs (1 byte an entry, not the output)."""
+    """ReLU whose backward reads a 1-byte mask of its nonzero outputs instead of the outputs.
+
+    ReLU's own backward passes the gradient where its output is not ``<= 0`` (a NaN output passes it too); the
+    mask is ``output != 0`` as bytes, which ``threshold_backward`` reads the same way. Both kernels are the fast
+    ones: comparisons into ``bool`` and ``where`` over a ``bool`` mask run several times slower on the CPU.
+    """
 
     @staticmethod
     def forward(ctx, x, inplace):  # noqa: ANN001, ANN205
-        mask = x > 0
-        ctx.save_for_backward(mask)
         if inplace:
             ctx.mark_dirty(x)
-            return x.relu_()
-        return torch.relu(x)
+            out = x.relu_()
+        else:
+            out = torch.relu(x)
+        ctx.save_for_backward(out.bool().view(torch.uint8))
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         (mask,) = ctx.saved_tensors
-        # where, not a product: like ReLU's own backward, a non-finite gradient stays out of the clipped entries
-        return torch.where(mask, grad_out, grad_out.new_zeros(())), None
+        grad_x = torch.empty_like(grad_out)
+        # a few images at a time: the kernel converts the byte mask to the gradient's dtype in a temporary
+        for rows in _batch_chunks(len(grad_out)):
+            torch.ops.aten.threshold_backward.grad_input(grad_out[rows], mask[rows], 0, grad_input=grad_x[rows])
+        return grad_x, None
+
+
+def _batch_chunks(n: int, parts: int = 8) -> list[slice]:
+    """At most ``parts`` slices of a batch of ``n``: a mixed-precision temporary is then an eighth of a tensor."""
+    size = max(1, -(-n // parts))
+    return [slice(i, i + size) for i in range(0, n, size)]
 
 
 def pointwise_conv_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
@@ -100,10 +115,9 @@ class PointwiseConv(torch.autograd.Function):
                 grad_weight = torch.bmm(grad_out, saved.view(n, c, h * w).transpose(1, 2)).sum(0)
             else:
                 grad_weight = weight.new_zeros(out_channels, c)
-                chunk = max(1, -(-n // 8))  # the upcast copy is at most an eighth of the input
-                for i in range(0, n, chunk):
-                    x = saved[i : i + chunk].to(ctx.dtype).view(-1, c, h * w)
-                    grad_weight += torch.bmm(grad_out[i : i + chunk], x.transpose(1, 2)).sum(0)
+                for rows in _batch_chunks(n):  # the upcast copy is at most an eighth of the input
+                    x = saved[rows].to(ctx.dtype).view(-1, c, h * w)
+                    grad_weight += torch.bmm(grad_out[rows], x.transpose(1, 2)).sum(0)
             grad_weight = grad_weight.view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2))
@@ -121,9 +135,8 @@ class ResidualAdd(torch.autograd.Function):
         else:
             out = y.clone()
         # a few images at a time: a mixed-precision add would upcast all of ``compact`` into a temporary first
-        chunk = max(1, -(-len(out) // 8))
-        for i in range(0, len(out), chunk):
-            out[i : i + chunk] += compact[i : i + chunk]
+        for rows in _batch_chunks(len(out)):
+            out[rows] += compact[rows]
         return out
 
     @staticmethod
