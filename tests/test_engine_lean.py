@@ -1,0 +1,197 @@
+"""The engine's leaner recomputation graphs (``lightning_resode.adjoint.lean``): the same gradients as plain
+autograd, with fewer bytes. Each form is checked against autograd's own ops on real timm blocks, for the
+gradient, and against the same engine with that form turned off, for the memory."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lightning_resode.adjoint.function as engine_function
+import lightning_resode.adjoint.lean as lean
+from lightning_resode import AdjointSequential
+from lightning_resode.measure import step_memory
+from stacks import flat_grad, relative_error
+
+
+def _bottlenecks(layer: str = "layer1", first: int = 1) -> list[nn.Module]:
+    torch.manual_seed(0)
+    return list(getattr(timm.create_model("resnet50", pretrained=False, zero_init_last=False), layer))[first:]
+
+
+def _working_set(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> int:
+    (model(x) * weight).sum().backward()  # warm-up: one-time allocations stay out of the measurement
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    measured = step_memory(lambda: (model(x) * weight).sum())
+    x.grad = None
+    return measured.peak_bytes - measured.backward_start_bytes
+
+
+def _gradients(model: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    (model(x) * weight).sum().backward()
+    grad_x = x.grad.clone()
+    x.grad = None
+    return grad_x, flat_grad(model.parameters())
+
+
+# ------------------------------------------------------------------------------------ the forms, one at a time
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("compact", [False, True])
+def test_a_pointwise_convolutions_product_backward_is_autograds(bias: bool, compact: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(5, 12, 6, 7, dtype=torch.float64)
+    if compact:  # values that a 16-bit copy holds exactly, as a stored block input's upcast does
+        x = x.half().double()
+    weight = torch.randn(20, 12, 1, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(20, dtype=torch.float64, requires_grad=True) if bias else None
+    grad_out = torch.randn(5, 20, 6, 7, dtype=torch.float64)
+    leaf = x.clone().requires_grad_(True)
+    inputs = [leaf, weight] + ([b] if bias else [])
+    expected = torch.autograd.grad(F.conv2d(leaf, weight, b), inputs, grad_out)
+    out = lean.PointwiseConv.apply(leaf, weight, b, x.half() if compact else None)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
+def test_only_plain_pointwise_convolutions_take_the_product_form() -> None:
+    x = torch.randn(2, 4, 5, 5, requires_grad=True)
+    one = torch.randn(6, 4, 1, 1)
+    assert lean.pointwise_conv_arguments((x, one), {}) is not None
+    assert lean.pointwise_conv_arguments((x, one, None, 2), {}) is None  # strided
+    assert lean.pointwise_conv_arguments((x, one, None, 1, 1), {}) is None  # padded
+    assert lean.pointwise_conv_arguments((x, torch.randn(6, 4, 3, 3)), {}) is None  # 3x3
+    assert lean.pointwise_conv_arguments((x, torch.randn(4, 2, 1, 1), None, 1, 0, 1, 2), {}) is None  # grouped
+    assert lean.pointwise_conv_arguments((x.to(memory_format=torch.channels_last), one), {}) is None
+    with torch.no_grad():
+        assert lean.pointwise_conv_arguments((x, one), {}) is None  # nothing to save without a graph
+
+
+def test_the_masked_relu_passes_gradients_where_relu_does_including_non_finite_ones() -> None:
+    """ReLU's own backward gives 0 where its output is 0, whatever the incoming gradient (an infinite one
+    included), and passes it where the output is NaN; a product with a mask would make NaNs of the first."""
+    x = torch.tensor([-1.0, 0.0, 2.0, float("nan"), -0.0], requires_grad=True)
+    grad = torch.tensor([float("inf"), float("nan"), 3.0, 4.0, float("inf")])
+    (masked,) = torch.autograd.grad(lean.ReluKeepingMask.apply(x * 1, False), x, grad)
+    (plain,) = torch.autograd.grad(torch.relu(x * 1), x, grad)
+    assert torch.equal(masked.nan_to_num(7.0), plain.nan_to_num(7.0)), (masked, plain)
+    y = x * 1
+    out = lean.ReluKeepingMask.apply(y, True)  # timm's in-place ReLU
+    assert out is y
+
+
+# ------------------------------------------------------------------------------------ inside the engine
+def test_a_steps_backward_keeps_a_mask_of_the_residual_sums_relu_not_the_block_output(monkeypatch) -> None:
+    """In a step's VJP the block output is what the ReLU after the residual sum saves, and nothing else in the
+    step's graph needs it: the recomputation keeps a 1-byte mask there instead (timm applies that ReLU in
+    place, so this covers the in-place form). The gradients stay plain autograd's."""
+    blocks = _bottlenecks()
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 256, 28, 28)
+    stage = AdjointSequential(blocks).configure(method="block", store_every=None)
+    reference = copy.deepcopy(nn.Sequential(*blocks))
+    masked = _working_set(stage, x, weight)
+    with monkeypatch.context() as patch:  # the same engine, the ReLU saving its output as autograd's does
+        patch.setattr(lean, "RELUS", frozenset())
+        plain = _working_set(stage, x, weight)
+    output_bytes = x.numel() * x.element_size()
+    assert masked <= plain - output_bytes // 4, (masked / output_bytes, plain / output_bytes)
+    (grad_x, grads), (expected_x, expected) = _gradients(stage, x, weight), _gradients(reference, x, weight)
+    assert relative_error(grad_x, expected_x) < 1e-5
+    assert relative_error(grads, expected) < 1e-5
+
+
+def test_a_16_bit_steps_vjp_keeps_the_stored_input_not_its_float32_copy(monkeypatch) -> None:
+    """``block_fp16``: a bottleneck reads its input in a 1×1 convolution and the residual sum only. Both read
+    the stored 16-bit input (the convolution saves it), so its float32 copy is never made: the working set
+    drops by more than half an input; the gradients are the upcast copy's graph's (the input gradient bit for bit,
+    the weight gradients summed over the batch in another order)."""
+    blocks = _bottlenecks()
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 256, 28, 28)
+    stage = AdjointSequential(blocks).configure(method="block_fp16")
+    compact = _working_set(stage, x, weight)
+    grads_compact = _gradients(stage, x, weight)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_function, "_single_evaluation", lambda scheme: False)
+        upcast = _working_set(stage, x, weight)
+        grads_upcast = _gradients(stage, x, weight)
+    input_bytes = x.numel() * x.element_size()
+    assert compact <= upcast - input_bytes // 2, (compact / input_bytes, upcast / input_bytes)
+    assert torch.equal(grads_compact[0], grads_upcast[0])
+    assert relative_error(grads_compact[1], grads_upcast[1]) < 1e-6
+
+
+class _ReadsItsInputTwice(nn.Module):
+    """A block whose input also feeds a scaled copy and a 3x3 convolution: ops the compact input does not cover."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.reduce = nn.Conv2d(channels, channels // 2, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels // 2)
+        self.expand = nn.Conv2d(channels // 2, channels, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(0.5 * x + self.expand(torch.relu(self.bn(self.reduce(x)))) + x)
+
+
+def test_a_block_that_reads_its_input_elsewhere_gets_the_float32_values_first(monkeypatch) -> None:
+    """Any op other than the covered two that reads the step input makes the float32 copy before it runs: the
+    gradients are those of the plain upcast path, bit for bit, not of a tensor without values."""
+    torch.manual_seed(0)
+    blocks = [_ReadsItsInputTwice(16) for _ in range(3)]
+    x = torch.randn(6, 16, 10, 10, requires_grad=True)
+    weight = torch.randn(6, 16, 10, 10)
+    stage = AdjointSequential(blocks).configure(method="block_fp16")
+    got = _gradients(stage, x, weight)
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_function, "_single_evaluation", lambda scheme: False)
+        expected = _gradients(stage, x, weight)
+    assert torch.isfinite(got[1]).all()
+    assert torch.equal(got[0], expected[0])
+    assert torch.equal(got[1], expected[1])
+
+
+def test_a_heads_batchnorms_recompute_their_convolutions_output_and_keep_autograds_gradient(monkeypatch) -> None:
+    """timm's layer1 head (64 -> 256 channels, with a downsample convolution): its two 256-channel BatchNorms
+    save their convolutions' 64-channel inputs and recompute their own inputs in the VJP."""
+    torch.manual_seed(0)
+    blocks = list(timm.create_model("resnet50", pretrained=False, zero_init_last=False).layer1)
+    x = torch.randn(8, 64, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 256, 28, 28)
+    # 16-bit steps: their VJPs need less than the head's, whose working set is then the stage's
+    stage = AdjointSequential(blocks, exact_head=1).configure(method="block_fp16", store_every=None)
+    reference = copy.deepcopy(nn.Sequential(*blocks))
+    recomputed = _working_set(stage, x, weight)
+    with monkeypatch.context() as patch:
+        patch.setattr(lean.ConvSource, "of", staticmethod(lambda args, kwargs, out: None))
+        kept = _working_set(stage, x, weight)
+    output_bytes = weight.numel() * weight.element_size()
+    assert recomputed <= kept - output_bytes // 2, (recomputed / output_bytes, kept / output_bytes)
+    stage.configure(method="block")  # exact: the gradients are autograd's
+    (grad_x, grads), (expected_x, expected) = _gradients(stage, x, weight), _gradients(reference, x, weight)
+    assert relative_error(grad_x, expected_x) < 1e-5
+    assert relative_error(grads, expected) < 1e-5
+
+
+def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_resnet() -> None:
+    """Every form at once (exact ``block``, heads, steps), float64, against timm's network with plain autograd."""
+    from lightning_resode import to_adjoint
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50", pretrained=False, zero_init_last=False, channels=[16, 32, 64, 128]).double()
+    converted = to_adjoint(copy.deepcopy(model), scheme="block", check=False)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for m in (model, converted):
+        m.train()
+        m(x).square().mean().backward()
+    for (name, p), q in zip(model.named_parameters(), converted.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
