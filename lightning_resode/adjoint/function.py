@@ -382,7 +382,8 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
     with torch.enable_grad(), record_function(f"resode::step{s}"), tape.recomputing(blocks, leaves):
         x_s = box.pop().detach()
         compact = None
-        if x_s.dtype.itemsize < tape.state_dtype.itemsize and _single_evaluation(tape.scheme):
+        # on the CPU, where its 1×1 convolutions can read the 16-bit copy (``lean.pointwise_conv_arguments``)
+        if x_s.dtype.itemsize < tape.state_dtype.itemsize and x_s.device.type == "cpu" and _single_evaluation(tape.scheme):
             compact = CompactInput(x_s, tape.state_dtype)  # the float32 values are made only if an op needs them
             x_leaf = compact.leaf
         else:

@@ -154,17 +154,19 @@ class CompactInput:
     """
 
     def __init__(self, compact: torch.Tensor, dtype: torch.dtype) -> None:
-        self.compact = compact
+        self.compact: torch.Tensor | None = compact
         self.leaf = torch.empty_like(compact, dtype=dtype)
         self.leaf.untyped_storage().resize_(0)
         self.materialized = False
 
     def materialize(self) -> None:
+        """Give the leaf its values; the 16-bit copy is then no longer read (and freed unless a node saved it)."""
         if not self.materialized:
             self.materialized = True
             self.leaf.untyped_storage().resize_(self.leaf.numel() * self.leaf.element_size())
             with torch.no_grad():
                 self.leaf.copy_(self.compact)
+            self.compact = None
 
 
 @dataclass
