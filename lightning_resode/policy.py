@@ -9,7 +9,9 @@ depends on the weights. So it is measured, on the model's own training batches:
    ``sample_images`` images of the batch,
    the exact gradient (every stage with the exact ``block`` method) is the reference. Stages are decided from
    the output side down, each with the stages above already set, trying the methods of ``AUTO_CANDIDATES``
-   from the least peak memory to the most; the first whose stage *and* whole-model gradient cosine keep
+   from the least peak memory to the most — measured on the model and the calibration images, every stage
+   running the method (which is least depends on the model: a reconstruction keeps least at rest, a 16-bit
+   block's backward needs less, and depth weighs the stored inputs); the first whose stage *and* whole-model gradient cosine keep
    within a quarter of the allowed error for a reconstruction (1 - cosine <= (1 - ``min_cosine``) / 4, a
    margin so that batches the calibration did not see stay above ``min_cosine``), half of it for 16-bit
    inputs, wins. A reconstruction depends on the batch's statistics, so it must also pass on each half of the
@@ -47,7 +49,8 @@ from .fidelity import calibration_loss, compare, exact_gradients, exact_referenc
 
 log = logging.getLogger("lightning_resode.policy")
 
-#: What auto tries, from the least peak memory to the most. A pretrained timm ResNet *is* an Euler network,
+#: What auto tries, in this order where step peaks tie (it orders them by the peak it measures on the model and the
+#: calibration images: ``StagePolicy._candidates_by_peak``). A pretrained timm ResNet *is* an Euler network,
 #: so only Euler reconstructions; float16 inputs before bfloat16 (same memory, 8x finer rounding, bfloat16
 #: only when float16 overflows); ``block`` is exact and always qualifies.
 AUTO_CANDIDATES: tuple[str, ...] = ("euler_fast", "euler", "block_fp16", "block_bf16", "block")
@@ -64,6 +67,9 @@ ROUNDING_MARGIN = 0.5
 #: ``backprop_where_free``: a stage runs plain backprop where that raises the step's measured peak by at most this
 #: fraction (allocator rounding and the loss's own buffers move a peak by well under 1 %)
 FREE_PEAK_TOLERANCE = 0.01
+#: candidates whose measured step peaks differ by at most this fraction keep their given order (allocator rounding
+#: and the loss's own buffers move a peak by well under 1 %)
+PEAK_TIE = 0.02
 #: early rechecks (in training steps), before the regular ``recheck_every``
 EARLY_RECHECKS = (1, 10, 100)
 
@@ -157,6 +163,8 @@ class StagePolicy:
     _checked: bool = False
     #: the last ``_backprop_where_free`` measurement, by what it depended on
     _free_backprop: dict = field(default_factory=dict)
+    #: the last ``_candidates_by_peak`` measurement: (key, candidates in order, peaks)
+    _candidate_order: tuple | None = None
     _handles: list = field(default_factory=list)
     _in_forward: bool = False
 
@@ -302,6 +310,8 @@ class StagePolicy:
         chosen = {name: self.pinned.get(name, "block") for name in stages}
         bounds: dict[str, float] = {}
         decided: dict[str, PolicyDecision] = {}
+        with side_effect_free(model):
+            candidates = self._candidates_by_peak(model, images)
         with side_effect_free(model), no_fallback(stages):
             with exact_reference(stages) as reference:
                 exact = gradients(model, images, targets, params)
@@ -311,7 +321,7 @@ class StagePolicy:
                     continue
                 plan = reference.plan(stages[name])
                 values = plan.values_per_channel if plan is not None else None
-                decision = self._choose_stage(model, name, images, targets, params, exact, chosen, values, subsets)
+                decision = self._choose_stage(model, name, images, targets, params, exact, chosen, values, subsets, candidates)
                 chosen[name] = decision.method
                 decided[name] = decision
                 if decision.reconstruction_error is not None and get_method(decision.method).gradient == "adjoint":
@@ -335,8 +345,37 @@ class StagePolicy:
             log.info("stage %s: %s", decision.stage, decision.reason)
         return new[::-1]
 
-    def _choose_stage(self, model, name, images, targets, params, exact, chosen, values, subsets) -> PolicyDecision:  # noqa: ANN001
-        """The first candidate (cheapest first) whose gradient holds for stage ``name``, the stages above it using
+    def _candidates_by_peak(self, model: nn.Module, images: torch.Tensor) -> tuple[str, ...]:
+        """``candidates`` ordered by the step peak each gives when every stage runs it, measured on the calibration
+        images (as training runs them, fallback included); equal peaks (within ``PEAK_TIE``) keep the given order.
+
+        Which method needs least memory depends on the model: a reconstruction keeps least at rest but its
+        backward's working set is larger than a 16-bit block's, and the deeper the network, the more the stored
+        inputs weigh. Measured once per calibration shape; the given order where a peak cannot be measured.
+        """
+        candidates = tuple(self.candidates)
+        if len(candidates) < 2 or images.shape[0] < 4:
+            return candidates  # a per-image peak needs two batch sizes of at least two images (BatchNorm)
+        if images.device.type != "cuda" and torch.autograd.profiler._is_profiler_enabled:
+            log.info("a profiler is running: the CPU's step peak cannot be measured now, candidates keep their order")
+            return candidates
+        key = (candidates, tuple(images.shape), images.dtype, images.device)
+        if self._candidate_order is not None and self._candidate_order[0] == key:
+            return self._candidate_order[1]
+        peaks = {method: _step_peak(model, self.stages, dict.fromkeys(self.stages, method), images) for method in candidates}
+        ordered: list[str] = []
+        for method in sorted(candidates, key=peaks.__getitem__):
+            # a method within PEAK_TIE of one placed before it that comes earlier in the given order goes before it
+            position = len(ordered)
+            while position > 0 and peaks[method] <= peaks[ordered[position - 1]] * (1 + PEAK_TIE) and candidates.index(ordered[position - 1]) > candidates.index(method):
+                position -= 1
+            ordered.insert(position, method)
+        log.info("candidates by measured step peak (MiB per image): %s", ", ".join(f"{m} {peaks[m]:.2f}" for m in ordered))
+        self._candidate_order = (key, tuple(ordered), peaks)
+        return tuple(ordered)
+
+    def _choose_stage(self, model, name, images, targets, params, exact, chosen, values, subsets, candidates) -> PolicyDecision:  # noqa: ANN001
+        """The first candidate (least peak first) whose gradient holds for stage ``name``, the stages above it using
         what they were given (``chosen``), those below the exact method."""
         stage = self.stages[name]
         if values is not None and values < MIN_VALUES_PER_CHANNEL:
@@ -349,7 +388,7 @@ class StagePolicy:
             return PolicyDecision(name, "block", self.step, 1.0, 1.0, reason)
         stage_params = unique_params(stage)
         tried: list[str] = []
-        for method in self.candidates:
+        for method in candidates:
             spec = get_method(method)
             margin = SAFETY_MARGIN if spec.gradient == "adjoint" else ROUNDING_MARGIN
             required = 1.0 - margin * (1.0 - self.min_cosine)
