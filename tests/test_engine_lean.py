@@ -143,11 +143,28 @@ class _ReadsItsInputTwice(nn.Module):
         return torch.relu(0.5 * x + self.expand(torch.relu(self.bn(self.reduce(x)))) + x)
 
 
-def test_a_block_that_reads_its_input_elsewhere_gets_the_float32_values_first(monkeypatch) -> None:
-    """Any op other than the covered two that reads the step input makes the float32 copy before it runs: the
-    gradients are those of the plain upcast path, bit for bit, not of a tensor without values."""
+class _ReadsItsInputInAList(nn.Module):
+    """The input reaches an op inside a list (``torch.cat``) and as a view (a slice of it)."""
+
+    def __init__(self, channels: int, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = x.shape[1]
+        shortcut = torch.cat([x, x], 1)[:, :c] if self.how == "cat" else torch.stack([x[:, : c // 2], x[:, c // 2 :]], 1).flatten(1, 2)
+        return torch.relu(self.bn(self.conv(x)) + shortcut)
+
+
+@pytest.mark.parametrize("block", ["twice", "cat", "stack"])
+def test_a_block_that_reads_its_input_elsewhere_gets_the_float32_values_first(monkeypatch, block: str) -> None:
+    """Any op other than the covered two that reads the step input (or a view of it, or a list holding it) makes
+    the float32 copy before it runs: the gradients are those of the plain upcast path, bit for bit, not of a
+    tensor without values (before, ``torch.cat([x, x])`` read freed memory: a segmentation fault)."""
     torch.manual_seed(0)
-    blocks = [_ReadsItsInputTwice(16) for _ in range(3)]
+    blocks = [_ReadsItsInputTwice(16) if block == "twice" else _ReadsItsInputInAList(16, block) for _ in range(3)]
     x = torch.randn(6, 16, 10, 10, requires_grad=True)
     weight = torch.randn(6, 16, 10, 10)
     stage = AdjointSequential(blocks).configure(method="block_fp16")
@@ -158,6 +175,56 @@ def test_a_block_that_reads_its_input_elsewhere_gets_the_float32_values_first(mo
     assert torch.isfinite(got[1]).all()
     assert torch.equal(got[0], expected[0])
     assert torch.equal(got[1], expected[1])
+
+
+def test_a_block_input_kept_by_a_forward_hook_has_its_values_after_the_backward() -> None:
+    """A hook that keeps a block's input (feature extraction) is called again in the recomputation: it must get a
+    tensor it can read later (before, a tensor without storage: reading it crashed the process)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50", pretrained=False, zero_init_last=False, channels=[16, 32, 64, 128])
+    from lightning_resode import to_adjoint
+
+    model = to_adjoint(model, scheme="block_fp16", check=False).train()
+    kept: list[torch.Tensor] = []
+    model.layer1[1].register_forward_hook(lambda module, inputs, output: kept.append(inputs[0]))
+    x = torch.randn(4, 3, 64, 64)
+    forward_input = None
+    model(x).square().mean().backward()
+    forward_input, recomputed = kept[0], kept[-1]
+    assert len(kept) == 2 and recomputed.untyped_storage().nbytes() == recomputed.numel() * recomputed.element_size()
+    # the recomputation's input is the stored 16-bit input, upcast: the forward's, rounded
+    torch.testing.assert_close(recomputed, forward_input.detach().half().float(), rtol=0, atol=0)
+
+
+class _InPlaceBetweenConvAndNorm(nn.Module):
+    """conv -> in-place activation -> BatchNorm, then a shape change: a stage head whose BatchNorm does not read the
+    convolution's output as the convolution made it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 1, bias=False)
+        self.bn = nn.BatchNorm2d(16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y.relu_()
+        return self.bn(y)
+
+
+def test_a_convolution_output_changed_in_place_is_not_recomputed_for_its_batchnorm() -> None:
+    """The head's BatchNorm may only recompute its input from the convolution if nothing wrote into it since
+    (before: exact ``block`` gave the head's weights 0.99 cosine against autograd, silently)."""
+    torch.manual_seed(0)
+    blocks = [_InPlaceBetweenConvAndNorm().double()] + [
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)).double() for _ in range(2)
+    ]
+    stage = AdjointSequential(blocks, exact_head=1).configure(method="block", store_every=None)
+    reference = copy.deepcopy(nn.Sequential(*blocks))
+    x = torch.randn(4, 8, 6, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 16, 6, 6, dtype=torch.float64)
+    (grad_x, grads), (expected_x, expected) = _gradients(stage, x, weight), _gradients(reference, x, weight)
+    assert relative_error(grad_x, expected_x) < 1e-12
+    assert relative_error(grads, expected) < 1e-12
 
 
 def test_a_heads_batchnorms_recompute_their_convolutions_output_and_keep_autograds_gradient(monkeypatch) -> None:

@@ -392,13 +392,17 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
         x_leaf.requires_grad_(want_x)
         with tape.replay.compact_input(compact):
             out, cache = tape.scheme.step(s, x_leaf, tape.evaluator("substitute"))
-        del compact
         cache = (cache.detach() if isinstance(cache, torch.Tensor) else cache) if want_cache else None
         root = _GradientFromHolder.apply(holder, out)
         del out
         inputs = ([x_leaf] if want_x else []) + [leaves[i] for i in indices]
         grads = torch.autograd.grad(root, inputs, allow_unused=True) if inputs else ()
-        del root
+        del root, inputs
+    # the step's graph is gone: a leaf still held elsewhere than here and in ``compact`` was kept by the block or a
+    # hook during the recomputation (feature extraction), and gets its values before anyone reads it
+    if compact is not None and compact.escaped(references=2):
+        compact.materialize()
+    del compact
     grad_x = None
     if want_x:
         grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)

@@ -19,12 +19,14 @@ dominated by 4×-channel tensors. The forms here remove such tensors without cha
 
 from __future__ import annotations
 
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
 
 SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
 IN_PLACE_RELUS = frozenset({torch.relu_, torch.Tensor.relu_, F.relu_})
@@ -157,7 +159,20 @@ class CompactInput:
         self.compact: torch.Tensor | None = compact
         self.leaf = torch.empty_like(compact, dtype=dtype)
         self.leaf.untyped_storage().resize_(0)
+        self._storage = self.leaf.untyped_storage()._cdata
         self.materialized = False
+
+    def read_by(self, args: tuple, kwargs: dict) -> bool:
+        """Whether an op's arguments hold the leaf or a view of it, also inside lists, tuples and dicts."""
+        for value in tree_flatten((args, kwargs))[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata == self._storage:
+                return True
+        return False
+
+    def escaped(self, references: int) -> bool:
+        """Whether Python holds the leaf in more places than the ``references`` the engine knows of: a forward
+        hook or a block that keeps its input would later read a tensor without values."""
+        return sys.getrefcount(self.leaf) - 1 > references
 
     def materialize(self) -> None:
         """Give the leaf its values; the 16-bit copy is then no longer read (and freed unless a node saved it)."""
@@ -174,6 +189,7 @@ class ConvSource:
     """A ``F.conv2d`` call whose output may be recomputed: its output (weakly) and what recomputes it."""
 
     output: weakref.ref
+    version: int  # the output's version when made: an in-place op since then changed what a reader sees
     tensors: tuple[torch.Tensor, ...]  # input, weight[, bias]
     options: tuple[Any, Any, Any, Any]  # stride, padding, dilation, groups
 
@@ -186,10 +202,11 @@ class ConvSource:
         bias = bound.get("bias")
         tensors = (bound["input"], bound["weight"]) + ((bias,) if bias is not None else ())
         options = (bound.get("stride", 1), bound.get("padding", 0), bound.get("dilation", 1), bound.get("groups", 1))
-        return ConvSource(weakref.ref(out), tensors, options)
+        return ConvSource(weakref.ref(out), out._version, tensors, options)
 
     def produced(self, x: torch.Tensor) -> bool:
-        return self.output() is x and not torch.is_autocast_enabled(x.device.type)
+        """Whether x is this convolution's output as it made it (no in-place op since, no autocast)."""
+        return self.output() is x and x._version == self.version and not torch.is_autocast_enabled(x.device.type)
 
     def recompute(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inp, weight, *bias = tensors

@@ -123,7 +123,7 @@ class BatchNormReplay(TorchFunctionMode):
             return func(*args, **kwargs)
         a = _bind_batch_norm_args(args, kwargs)
         x = a["input"]
-        if self._compact is not None and x is self._compact.leaf:
+        if self._compact is not None and not self._compact.materialized and self._compact.read_by(args, kwargs):
             self._compact.materialize()
         if not a["training"]:
             return func(*args, **kwargs)
@@ -151,7 +151,7 @@ class BatchNormReplay(TorchFunctionMode):
     def _lean_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         """A call of a step's (``substitute``) or a head's (``exact`` under ``lean_head``) graph, in ``lean`` form."""
         compact = self._compact
-        if compact is not None and not compact.materialized and func not in _METADATA and any(a is compact.leaf for a in (*args, *kwargs.values())):
+        if compact is not None and not compact.materialized and func not in _METADATA and compact.read_by(args, kwargs):
             sum_of_leaf = _residual_sum_with(compact, func, args, kwargs)
             if sum_of_leaf is not None:
                 self._last_sum = weakref.ref(sum_of_leaf)
