@@ -92,6 +92,14 @@ def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: 
             p.grad = grad
 
 
+def _storage_of(method: str) -> tuple[str, Any]:
+    """What decides a method's memory: a reconstruction's scheme, or a block's stored bytes per value."""
+    spec = get_method(method)
+    if spec.gradient == "block":
+        return ("block", spec.block_dtype.itemsize if spec.block_dtype is not None else 4)
+    return (spec.gradient, spec.scheme)
+
+
 def check_policy_options(scheme: str, min_cosine: float, recheck_every: int) -> None:
     """Reject bad policy settings early, naming the value (for every scheme, not only when a policy is made)."""
     from .adjoint.methods import SCHEME_CHOICES
@@ -351,7 +359,9 @@ class StagePolicy:
 
         Which method needs least memory depends on the model: a reconstruction keeps least at rest but its
         backward's working set is larger than a 16-bit block's, and the deeper the network, the more the stored
-        inputs weigh. Measured once per calibration shape; the given order where a peak cannot be measured.
+        inputs weigh. Measured once per calibration shape and storage form (float16 and bfloat16 block inputs
+        need the same bytes; exact block inputs, twice those, go last when a 16-bit block is a candidate); the
+        given order where a peak cannot be measured.
         """
         candidates = tuple(self.candidates)
         if len(candidates) < 2 or images.shape[0] < 4:
@@ -362,7 +372,17 @@ class StagePolicy:
         key = (candidates, tuple(images.shape), images.dtype, images.device)
         if self._candidate_order is not None and self._candidate_order[0] == key:
             return self._candidate_order[1]
-        peaks = {method: _step_peak(model, self.stages, dict.fromkeys(self.stages, method), images) for method in candidates}
+        peaks: dict[str, float] = {}
+        measured: dict[tuple, float] = {}
+        sixteen_bit_block = any(_storage_of(m)[0] == "block" and _storage_of(m)[1] < 4 for m in candidates)
+        for method in candidates:
+            storage = _storage_of(method)
+            if storage == ("block", 4) and sixteen_bit_block:
+                peaks[method] = math.inf  # exact block inputs: twice a 16-bit block's storage, never less peak
+                continue
+            if storage not in measured:  # float16 and bfloat16 block inputs need the same bytes: measured once
+                measured[storage] = _step_peak(model, self.stages, dict.fromkeys(self.stages, method), images)
+            peaks[method] = measured[storage]
         ordered: list[str] = []
         for method in sorted(candidates, key=peaks.__getitem__):
             # a method within PEAK_TIE of one placed before it that comes earlier in the given order goes before it
@@ -370,7 +390,7 @@ class StagePolicy:
             while position > 0 and peaks[method] <= peaks[ordered[position - 1]] * (1 + PEAK_TIE) and candidates.index(ordered[position - 1]) > candidates.index(method):
                 position -= 1
             ordered.insert(position, method)
-        log.info("candidates by measured step peak (MiB per image): %s", ", ".join(f"{m} {peaks[m]:.2f}" for m in ordered))
+        log.info("candidates by measured step peak (MiB per image): %s", ", ".join(f"{m} {peaks[m]:.2f}" for m in ordered if math.isfinite(peaks[m])))
         self._candidate_order = (key, tuple(ordered), peaks)
         return tuple(ordered)
 

@@ -174,3 +174,33 @@ def test_auto_gives_plain_backprop_to_the_stages_whose_graph_fits_under_the_peak
     assert chosen <= peak_with(lowest_free, "block_fp16") * 1.02
     next_down = list(methods)[list(methods).index(lowest_free) - 1]
     assert peak_with(next_down, "backprop") > chosen * 1.01
+
+
+def test_auto_tries_its_candidates_in_the_order_of_the_peaks_it_measures_on_the_model() -> None:
+    """Which method needs least memory depends on the model (a reconstruction keeps least at rest, a 16-bit block's
+    backward needs less): auto measures every candidate's step peak and tries the least first. Checked against an
+    independent measurement of each method converted on its own, and against what it then chose."""
+    import timm
+
+    from lightning_resode.measure import peak_per_image
+    from lightning_resode.policy import calibration_loss
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet50", pretrained=False, channels=[16, 32, 64, 128])  # zero-init: ODE-like
+    images = torch.randn(8, 3, 64, 64)
+    model = to_adjoint(copy.deepcopy(base), calibration=images)
+    policy = policy_of(model)
+    _, order, peaks = policy._candidate_order
+    measured = [m for m in order if peaks[m] != float("inf")]
+    assert set(measured) >= {"euler_fast", "euler", "block_fp16"}, peaks
+
+    def independent(method: str) -> float:
+        converted = to_adjoint(copy.deepcopy(base), scheme=method, check=False)
+        return peak_per_image(converted, lambda b: images[:b], small=4, large=8, loss=calibration_loss).mib_per_image
+
+    alone = {m: independent(m) for m in ("euler_fast", "block_fp16")}
+    lower, higher = sorted(alone, key=alone.get)
+    assert order.index(lower) < order.index(higher) or alone[higher] <= alone[lower] * 1.05, (order, peaks, alone)
+    # every stage where BatchNorm sees enough values (layer4 is 2x2 here) took the first candidate: all are exact-ish
+    chosen = policy.methods()
+    assert [chosen[s] for s in ("layer1", "layer2", "layer3")] == [order[0]] * 3, (chosen, order)
