@@ -78,10 +78,10 @@ def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: 
     """Peak MiB per image of a training step with these methods (fallback on, as training runs them), as the
     slope between half the images and all of them: what the parameters and their gradients cost does not scale with
     the batch, so it cannot hide a stage's activations the way it does on a small calibration batch. ``.grad``
-    untouched."""
+    of every parameter untouched (frozen ones included)."""
     from .measure import peak_per_image
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = list(model.parameters())  # frozen ones too: a measured step sets every .grad to None
     saved = [p.grad for p in params]
     try:
         with planned(stages, methods={stages[n]: m for n, m in methods.items()}, fallback=True):

@@ -204,3 +204,18 @@ def test_auto_tries_its_candidates_in_the_order_of_the_peaks_it_measures_on_the_
     # every stage where BatchNorm sees enough values (layer4 is 2x2 here) took the first candidate: all are exact-ish
     chosen = policy.methods()
     assert [chosen[s] for s in ("layer1", "layer2", "layer3")] == [order[0]] * 3, (chosen, order)
+
+
+def test_measuring_the_candidates_peaks_leaves_frozen_parameters_grads_alone() -> None:
+    """The peak measurement runs training steps; a parameter the user froze keeps the ``.grad`` it had."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, channels=[8, 16, 32, 64])
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    model.layer1.requires_grad_(False)
+    before = {name: p.grad.clone() for name, p in model.named_parameters()}
+    to_adjoint(model, calibration=torch.randn(8, 3, 32, 32))
+    assert policy_of(model)._candidate_order is not None  # the peaks were measured
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, before[name]), name
