@@ -140,7 +140,7 @@ class StagePolicy:
         recheck_every: recalibrate every this many training steps (0: only at the first step and after a
             fallback).
         sample_images: images of a batch used to calibrate.
-        candidates: methods auto tries, cheapest first.
+        candidates: methods auto may use; tried from the least measured step peak (this order where peaks tie).
         backprop_where_free: after choosing, give a stage plain backprop (no recomputation) where its autograd
             graph fits under the step's peak, measured on the calibration batch (from the output side down).
     """
