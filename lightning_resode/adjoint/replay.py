@@ -147,19 +147,18 @@ class BatchNormReplay(TorchFunctionMode):
             return func(x, mean_fwd, var_fwd, a["weight"], a["bias"], False, 0.0, a["eps"])
         return _batch_norm_with_substituted_stats(x, mean_fwd, var_fwd, a["weight"], a["bias"], a["eps"])
 
-
     def _lean_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         """A call of a step's (``substitute``) or a head's (``exact`` under ``lean_head``) graph, in ``lean`` form."""
         compact = self._compact
+        pointwise = lean.pointwise_conv_arguments(args, kwargs) if func is F.conv2d else None
         if compact is not None and not compact.materialized and func not in _METADATA and compact.read_by(args, kwargs):
             sum_of_leaf = _residual_sum_with(compact, func, args, kwargs)
             if sum_of_leaf is not None:
                 self._last_sum = weakref.ref(sum_of_leaf)
                 return sum_of_leaf
-            if not (func is F.conv2d and (pointwise := lean.pointwise_conv_arguments(args, kwargs)) is not None and pointwise[0] is compact.leaf):
+            if pointwise is None or pointwise[0] is not compact.leaf:
                 compact.materialize()
         if func is F.conv2d:
-            pointwise = lean.pointwise_conv_arguments(args, kwargs)
             if pointwise is None:
                 out = func(*args, **kwargs)
             else:
