@@ -35,6 +35,8 @@ def wandb_records(run_file: Path) -> list:
         if length == 0 and kind == 0:
             pos += left - 7
             continue
+        if pos + length > len(raw):  # the writer has not flushed this record's payload yet
+            break
         pending += raw[pos : pos + length]
         pos += length
         if kind in (1, 4):
@@ -51,10 +53,18 @@ def finished_wandb_records(root: Path, timeout: float = 120.0) -> list:
     ``wandb.finish()`` can return while W&B's service process is still writing the run file (on a loaded
     machine, with tables to store), so a test that reads the file right away waits for the run's last record.
     """
+    from google.protobuf.message import DecodeError
+
     deadline = time.monotonic() + timeout
     while True:
         (run_file,) = root.glob("wandb/offline-run-*/*.wandb")
-        records = wandb_records(run_file)
+        try:
+            records = wandb_records(run_file)
+        except DecodeError:  # read while a record was half written: its length landed before its bytes
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+            continue
         if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
             return records
         time.sleep(0.5)
