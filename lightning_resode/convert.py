@@ -343,10 +343,12 @@ def to_adjoint(
         top_step_dtype: reconstruction stages keep their top step's increment in this dtype (default
             bfloat16: half a stage-output of memory per stage), so the top block costs no extra forward in
             backward and is recovered almost exactly; ``None`` reconstructs it like the other blocks.
-        store_every: per-block methods (``block*``) in deep stages keep only every K-th block input (exactly)
-            and re-run the blocks between in backward, so memory stays flat in depth for one extra block
-            forward per re-run block; the gradient is unchanged. ``"auto"`` (default): K = round(sqrt(2S)) in
-            stages of 9 or more residual blocks; ``None`` keeps every input.
+        store_every: per-block methods (``block*``) in deep stages keep only the first block input of each run
+            of blocks (exactly) and re-run the rest in backward, so memory stays flat in depth for one extra
+            block forward per re-run block; the gradient is the one storing every input gives. An int K: runs of
+            K blocks. ``"auto"`` (default): in stages of 9 or more residual blocks, runs that shorten towards the
+            stage's top, split to hold the fewest states while the backward re-runs one; ``None`` keeps every
+            input.
         min_cosine: the gradient fidelity ``"auto"`` requires, and below which an explicit approximate
             method is reported unsafe (a warning on its first training step).
         recheck_every: ``"auto"`` recalibrates every this many training steps (0: only at the first step

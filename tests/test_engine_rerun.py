@@ -1,4 +1,4 @@
-"""``store_every``: a ``block`` stage keeps every K-th step input and re-runs the steps between in backward.
+"""``store_every``: a ``block`` stage keeps the first input of each run of steps and re-runs the rest in backward.
 
 What must hold: the gradient is the one storing every input gives (exact for ``block``, only the 16-bit rounding
 for ``block_fp16``) on small stacks and on trained weights, what is kept at rest falls from S states to the kept
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_resode import AdjointSequential, ReconstructionError, adjoint_stages, saved_activation_bytes, to_adjoint
+from lightning_resode.adjoint.plan import resolve_run_lengths
 from lightning_resode.testing import PRETRAIN_CLASSES, digits_split
 from stacks import conv_blocks, cosine, flat_grad, relative_error
 
@@ -37,19 +38,58 @@ def test_exact_block_with_reruns_equals_backprop(every) -> None:
     p, gx = _grads(stage, x)
     torch.testing.assert_close(p, exact_p, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(gx, exact_x, rtol=1e-10, atol=1e-12)
-    k = stage.last_backward.plan.store_every
-    assert k == (5 if every == "auto" else every)  # auto: round(sqrt(2 * 12)); a K beyond the stage is one run
-    # every step's VJP re-runs its block once; a run of K re-runs its K - 1 steps above the kept input
-    reruns = sum(min(k, 12 - first) - 1 for first in range(0, 12, k))
-    assert stage.last_backward.block_forwards == 12 + reruns
+    runs = stage.last_backward.plan.run_lengths
+    assert sum(runs) == 12
+    if every != "auto":  # runs of K steps; a K beyond the stage is one run
+        assert runs == tuple(min(every, 12 - first) for first in range(0, 12, every))
+    # every step's VJP re-runs its block once; each run re-runs its steps above the kept input
+    assert stage.last_backward.block_forwards == 12 + sum(length - 1 for length in runs)
+
+
+def _held(runs: tuple[int, ...], kept_cost: int) -> int:
+    """States live while the backward re-runs its worst run: the kept inputs below it and the run's inputs."""
+    return max(kept_cost * i + length for i, length in enumerate(runs))
+
+
+def _compositions(total: int):
+    """Every way to split ``total`` steps into runs, bottom first."""
+    if total == 0:
+        yield ()
+        return
+    for first in range(1, total + 1):
+        for rest in _compositions(total - first):
+            yield (first, *rest)
+
+
+@pytest.mark.parametrize("kept_cost", [1, 2])
+def test_auto_runs_hold_the_least_any_split_of_the_steps_can(kept_cost) -> None:
+    """Every split of 9-13 steps is tried: none holds fewer states during the backward than auto's, and none that
+    holds as few keeps fewer inputs at rest."""
+    for steps in range(9, 14):
+        runs = resolve_run_lengths("auto", "block", steps, kept_cost)
+        assert sum(runs) == steps and min(runs) >= 1
+        best = min((_held(split, kept_cost), len(split)) for split in _compositions(steps))
+        assert (_held(runs, kept_cost), len(runs)) == best, (steps, runs)
+
+
+def test_auto_runs_of_a_deep_stage_hold_less_than_equal_runs() -> None:
+    """resnet200's layer2 (23 steps) with float16 re-run inputs: runs of sqrt(2S) = 7 steps held 11 states (the kept
+    float32 inputs count two), the shortening runs hold 9 and keep no more inputs at rest."""
+    equal = tuple(min(7, 23 - first) for first in range(0, 23, 7))
+    runs = resolve_run_lengths("auto", "block", 23, kept_cost=2)
+    assert _held(equal, 2) == 11
+    assert _held(runs, 2) == 9 and len(runs) <= len(equal)
+    assert list(runs) == sorted(runs, reverse=True)  # the runs shorten towards the top
 
 
 def test_auto_keeps_every_input_of_shallow_stages() -> None:
     x = torch.randn(2, 4, 6, 6)
-    for depth, expected in [(8, None), (9, 4), (35, 8)]:
+    for depth, reruns in [(8, False), (9, True), (35, True)]:
         stage = AdjointSequential([b.float() for b in conv_blocks(depth, channels=4)]).configure(method="block_fp16")
         stage(x.clone().requires_grad_()).sum().backward()
-        assert stage.last_backward.plan.store_every == expected, depth
+        runs = stage.last_backward.plan.run_lengths
+        assert (runs is not None) == reruns, depth
+        assert runs is None or sum(runs) == depth, (depth, runs)
 
 
 def test_what_is_kept_at_rest_is_the_kept_inputs_only() -> None:
@@ -123,7 +163,7 @@ def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("zero_init_last", [False, True], ids=["nozil", "zil"])
 def test_trained_resnet101_reruns_give_the_gradient_of_stored_inputs(trained_small, digits_batch, zero_init_last) -> None:
-    """On trained weights (layer3: 22 steps, K = 7 by default) the re-run changes nothing the user can see."""
+    """On trained weights (layer3: 22 steps, four runs by default) the re-run changes nothing the user can see."""
     trained = trained_small("resnet101", zero_init_last).model
 
     def gradient(model: torch.nn.Module) -> torch.Tensor:
@@ -144,7 +184,7 @@ def test_trained_resnet101_reruns_give_the_gradient_of_stored_inputs(trained_sma
                 stage.configure(store_every=every)
             results[method, every] = gradient(model)
             if every == "auto":
-                assert adjoint_stages(model)["layer3"].last_backward.plan.store_every == 7
+                assert len(adjoint_stages(model)["layer3"].last_backward.plan.run_lengths) == 4
     # float32: storing every input is exact to ~1e-6 of the gradient's norm; re-running must be as good
     assert relative_error(results["block", "auto"], exact) < 1e-5
     assert relative_error(results["block", None], exact) < 1e-5
@@ -159,6 +199,6 @@ def test_reruns_leave_batchnorm_running_statistics_as_backprop_does() -> None:
     stage = AdjointSequential(copy.deepcopy(blocks)).configure(method="block_fp16", store_every=3)
     _grads(reference, x)
     _grads(stage, x)
-    assert stage.last_backward.plan.store_every == 3
+    assert stage.last_backward.plan.run_lengths == (3, 3, 3)
     for (name, a), b in zip(reference.state_dict().items(), stage.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)

@@ -18,7 +18,7 @@ def breakdown():
 
 
 def test_a_deep_stage_keeps_less_with_reruns_and_the_rows_add_up(breakdown, tmp_path: Path) -> None:
-    # resnet101's layer3 has 22 residual steps: re-run with K = 7 by default
+    # resnet101's layer3 has 22 residual steps: re-run in four runs by default
     common = ["--model", "resnet101", "--size", "64", "--batch", "2"]
     every = breakdown.main([*common, "--store-every", "none", "--json", str(tmp_path / "every.json")])
     reruns = breakdown.main(common)

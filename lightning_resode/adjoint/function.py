@@ -50,15 +50,14 @@ def run_chain(tape: Tape, x: torch.Tensor) -> torch.Tensor:
     """The stage's forward as a chain of nodes (see the module docstring); returns the stage output."""
     h = StageEntry.apply(tape, x, *tape.binding.trainable)
     plan = tape.plan
-    every = plan.store_every
+    starts = set(plan.run_starts or ())
     below = top_increment = None
     for s in range(tape.num_steps):
-        if every:  # keep the input of each run's first step (exactly), handed to the node above the run
+        if starts:  # keep the input of each run's first step (exactly), handed to the node above the run
             passed = None
-            if s % every == 0:
+            if s in starts:
                 passed, below = below, h.detach()
-            else:
-                _check_storable(tape, h)
+            _check_storable(tape, h)
             out = StageStep.apply(tape, s, h, passed)
         else:
             kept = _kept_input(tape, s, h)
@@ -103,7 +102,7 @@ def _stored_inputs_fit(tape: Tape) -> bool:
 
 
 def _check_storable(tape: Tape, h: torch.Tensor) -> None:
-    """``store_every``: an input re-run in backward is stored then; whether it fits the 16-bit type is known now."""
+    """Re-runs: every input is stored as 16 bits in backward; whether it fits the type is known now."""
     plan = tape.plan
     if plan.check_finite and plan.block_dtype is not None and plan.block_dtype != h.dtype:
         with torch.no_grad():
@@ -113,8 +112,8 @@ def _check_storable(tape: Tape, h: torch.Tensor) -> None:
 def _carried_run(tape: Tape, node: int) -> tuple[tuple[int, list[list[int]]] | None, list[torch.Tensor]]:
     """``store_every``: the run of steps the node at ``node`` (a step, or ``num_steps`` for the exit) hands down
     with its first input: (first step, counts per step) and the statistics of its steps but the top."""
-    every = tape.plan.store_every
-    if not every or node == 0 or (node < tape.num_steps and node % every != 0):
+    starts = tape.plan.run_starts
+    if not starts or node == 0 or (node < tape.num_steps and node not in starts):
         return None, []
     first, top = tape.run_of(node - 1)
     counts, flat = tape.take_run_records(first, top)
@@ -296,7 +295,7 @@ def _block_step(tape: Tape, s: int, below: torch.Tensor | None, run: Any = None)
     """VJP of step s from its stored (possibly 16-bit) input; with ``store_every``, the top step of a run first
     re-runs the run from its kept input. ``below``/``run``: what this node keeps for the step (or run) below."""
     relay = tape.relay
-    if tape.plan.store_every:
+    if tape.plan.run_lengths:
         if relay.run_below is not None:
             _rerun(tape, s)
         x_s = relay.run_inputs.pop(s)
@@ -312,20 +311,26 @@ def _block_step(tape: Tape, s: int, below: torch.Tensor | None, run: Any = None)
 
 def _rerun(tape: Tape, top: int) -> None:
     """Recover the inputs of a run of steps ending at ``top`` from its kept first input: the steps forward without a
-    graph, BatchNorm normalising with the forward's statistics, each input stored as the plan's block dtype."""
+    graph, BatchNorm normalising with the forward's statistics, each input stored as the plan's block dtype (the
+    kept one too: the steps' VJPs then read what storing every input would have given them, and the run holds one
+    16-bit state per step). The forward itself goes on from the exact values, so no rounding compounds."""
     relay = tape.relay
     first, records = relay.run_below
     h, relay.stored, relay.run_below = relay.stored, None, None
     if len(records) != top - first:
         raise AdjointError(f"stage {tape.stage.display_name}: internal error, a run of steps {first}..{top} carried {len(records)} steps' statistics")
     dtype = tape.plan.block_dtype
-    inputs = {first: h}
+
+    def stored(state: torch.Tensor) -> torch.Tensor:
+        return state if dtype is None or dtype == state.dtype else state.to(dtype)
+
+    inputs = {first: stored(h)}
     frozen = tape.evaluator("frozen")
     with torch.no_grad(), record_function(f"resode::rerun{first}-{top}"):
         for s, (counts, statistics) in zip(range(first, top), records):
             with tape.records_restored(s, counts, statistics), tape.recomputing(tape.step_blocks(s), {}):
                 h, _ = tape.scheme.step(s, h, frozen)
-            inputs[s + 1] = h if dtype is None or dtype == h.dtype else h.to(dtype)
+            inputs[s + 1] = stored(h)
     del h
     relay.run_inputs = inputs
 

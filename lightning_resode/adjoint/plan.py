@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -49,18 +50,54 @@ def min_values_per_channel(gradient: str, block_dtype: torch.dtype | None) -> in
     return 0
 
 
-#: ``store_every="auto"`` keeps every input of stages shallower than this: with K = sqrt(2S) what is kept at rest
-#: (S/K exact inputs, two 16-bit units each) plus one run's inputs (K units) is 2·sqrt(2S), below S only from S = 9
+#: ``store_every="auto"`` keeps every input of stages shallower than this (from here on, re-running keeps less at
+#: rest and holds no more while the stage's backward runs)
 AUTO_STORE_EVERY_FROM = 9
 
 
-def resolve_store_every(configured: int | str | None, gradient: str, num_steps: int) -> int | None:
-    """The K of a ``block`` call that keeps every K-th step input and re-runs the rest (None: keeps every input)."""
+def resolve_run_lengths(configured: int | str | None, gradient: str, num_steps: int, kept_cost: int = 1) -> tuple[int, ...] | None:
+    """The runs of steps (lengths, bottom first) a ``block`` call keeps the first input of, re-running the rest in
+    backward (None: keeps every input).
+
+    An int K: runs of K steps. ``"auto"``: runs that shorten towards the top of the stage, so that what is live
+    while the stage's backward re-runs any one run — the kept inputs of the runs below it and the run's re-run
+    inputs — is as small as any split allows, then as few inputs kept as possible. ``kept_cost`` is what a kept
+    (exact) input costs in re-run (16-bit) inputs: 2 for float16/bfloat16 re-run inputs of a float32 stage.
+    """
     if gradient != "block" or configured is None or num_steps < 2:
         return None
-    if configured == "auto":
-        return round((2 * num_steps) ** 0.5) if num_steps >= AUTO_STORE_EVERY_FROM else None
-    return int(configured) if int(configured) > 1 else None
+    if configured != "auto":
+        every = int(configured)
+        return tuple(min(every, num_steps - first) for first in range(0, num_steps, every)) if every > 1 else None
+    if num_steps < AUTO_STORE_EVERY_FROM:
+        return None
+    return tuple(_shortening_runs(num_steps, kept_cost))
+
+
+def _shortening_runs(num_steps: int, kept_cost: int) -> list[int]:
+    """Run lengths (bottom first) of least live memory during the backward: run i (from 0) re-runs while the i kept
+    inputs below it are live, so it holds ``kept_cost * i + length_i`` units; lengths that drop by ``kept_cost``
+    per run make these equal (the top run takes what is left)."""
+    best: tuple[tuple[int, int], list[int]] | None = None
+    for runs in range(1, num_steps + 1):
+        longest = math.ceil((num_steps + kept_cost * runs * (runs - 1) / 2) / runs)
+        lengths = [longest - kept_cost * i for i in range(runs - 1)]
+        top = num_steps - sum(lengths)
+        if top < 1 or any(length < 1 for length in lengths):
+            continue
+        lengths.append(top)
+        held = max(kept_cost * i + length for i, length in enumerate(lengths))
+        if best is None or (held, runs) < best[0]:
+            best = ((held, runs), lengths)
+    assert best is not None  # one run of every step always qualifies
+    return best[1]
+
+
+def _kept_cost(state: torch.Tensor | None, block_dtype: torch.dtype | None) -> int:
+    """What a kept (exact) input costs in re-run inputs: 2 where those are 16-bit copies of a float32 state."""
+    if state is None or block_dtype is None:
+        return 1
+    return max(1, state.dtype.itemsize // block_dtype.itemsize)
 
 
 def values_per_channel(x: torch.Tensor) -> int:
@@ -81,8 +118,9 @@ class StagePlan:
     refine: int
     anchor_every: int | None
     top_step_dtype: torch.dtype | None
-    #: ``block``: keep every K-th step input (exactly) and re-run the steps between in backward (None: keep all)
-    store_every: int | None
+    #: ``block``: the runs of steps (lengths, bottom first) whose first input is kept (exactly); the steps above it
+    #: are re-run in backward (None: every input kept)
+    run_lengths: tuple[int, ...] | None
     #: keep the reconstructed part's exact input (to measure the reconstruction error, or to fall back)
     keep_input: bool
     #: replace a failed approximate gradient by the exact one (instead of raising)
@@ -103,6 +141,14 @@ class StagePlan:
         if self.gradient == "adjoint":
             return self.keep_input or self.fallback
         return self.gradient == "block" and self.block_dtype is not None and self.fallback
+
+
+    @property
+    def run_starts(self) -> tuple[int, ...] | None:
+        """``block`` with re-runs: the step whose input each run keeps, bottom first."""
+        if self.run_lengths is None:
+            return None
+        return tuple(sum(self.run_lengths[:i]) for i in range(len(self.run_lengths)))
 
 
 @dataclass(frozen=True)
@@ -227,7 +273,7 @@ def resolve_plan(stage: "AdjointSequential", state: torch.Tensor | None) -> tupl
         refine=stage.refine,
         anchor_every=stage.anchor_every,
         top_step_dtype=stage.top_step_dtype,
-        store_every=resolve_store_every(stage.store_every, gradient, stage.num_steps),
+        run_lengths=resolve_run_lengths(stage.store_every, gradient, stage.num_steps, _kept_cost(state, block_dtype)),
         keep_input=stage.keep_input,
         fallback=stage.fallback,
         max_reconstruction_error=stage.max_reconstruction_error,

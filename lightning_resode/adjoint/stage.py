@@ -50,13 +50,14 @@ class AdjointSequential(nn.Module):
             the top block's input is then recovered without a block forward and with no reverse-step error
             (only the rounding of the increment), for half a state of memory in bf16. This makes the backward
             cost one block forward per block with ``euler_fast``, as checkpointing does.
-        store_every: with ``gradient="block"``, keep only every K-th step's input (exactly) at rest; in backward,
-            each run of K steps is re-run forward from its kept input (no graph; BatchNorm with the forward's
-            statistics) to recover the other inputs, stored as ``block_dtype``. Memory at rest falls from S to
-            about S/K states, for one extra block forward per step whose input is not kept; the gradient is the
-            same as storing every input. ``"auto"`` (default) picks K = round(sqrt(2S)) for stages of 9 or
-            more steps (the K that minimises what is kept at rest plus one run's inputs) and stores every
-            input in shallower stages; ``None`` always stores every input.
+        store_every: with ``gradient="block"``, split the steps into runs and keep only each run's first input
+            (exactly) at rest; in backward, each run is re-run forward from its kept input (no graph; BatchNorm
+            with the forward's statistics) to recover its inputs, stored as ``block_dtype``. Memory at rest
+            falls from S states to one per run, for one extra block forward per step whose input is not kept;
+            the gradient is the one storing every input gives. An int K: runs of K steps. ``"auto"`` (default),
+            in stages of 9 or more steps: runs that shorten towards the top (about sqrt(2S) of them), so that
+            the kept inputs below a run plus the run's own inputs are as few as any split allows while the
+            backward re-runs it; shallower stages store every input. ``None`` always stores every input.
         exact_head: how many leading blocks are shape-changing (a timm stage's downsampling block);
             they are recomputed exactly from the stored stage input instead of reconstructed.
         keep_input: keep the stage input (without a head) to measure the reconstruction error exactly.

@@ -274,14 +274,17 @@ class Tape:
 
     # ------------------------------------------------------------------ runs of steps re-run in backward
     def run_of(self, s: int) -> tuple[int, int]:
-        """``store_every``: (first, top) step of the run containing step s."""
-        k = self.plan.store_every
-        first = (s // k) * k
-        return first, min(first + k, self.num_steps) - 1
+        """Re-runs: (first, top) step of the run containing step s."""
+        first = 0
+        for length in self.plan.run_lengths or ():
+            if s < first + length:
+                return first, first + length - 1
+            first += length
+        raise IndexError(f"step {s} is beyond the stage's {self.num_steps} steps")
 
     def note_for_rerun(self, s: int, counts: list[int], statistics: list[torch.Tensor]) -> None:
         """In the forward of step s: keep its statistics for the node that will keep its run's input."""
-        if self.plan.store_every and s != self.run_of(s)[1]:
+        if self.plan.run_lengths and s != self.run_of(s)[1]:
             self.rerun_records[s] = (counts, tuple(statistics))
 
     def take_run_records(self, first: int, top: int) -> tuple[list[list[int]], list[torch.Tensor]]:

@@ -150,9 +150,10 @@ class ResodeClassifier(pl.LightningModule):
         refine, anchor_every: reconstruction options for every converted stage.
         top_step_dtype: keep each stage's top-step increment in this dtype (``none``: reconstruct it too); one
             block forward less per stage in backward and a more exact top block, for half a state per stage.
-        store_every: per-block methods in deep stages keep every K-th block input and re-run the rest in
-            backward (memory flat in depth, one extra forward per re-run block, same gradient); ``auto``:
-            K = round(sqrt(2S)) in stages of 9 or more blocks; ``null``: keep every input.
+        store_every: per-block methods in deep stages keep the first block input of each run of blocks and
+            re-run the rest in backward (memory flat in depth, one extra forward per re-run block, same
+            gradient); an int K: runs of K blocks; ``auto``: in stages of 9 or more blocks, runs that shorten
+            towards the top, split to hold the fewest states while one is re-run; ``null``: keep every input.
         min_cosine: the gradient fidelity ``auto`` must reach (whole model and each stage).
         recheck_every: ``auto`` recalibrates every this many optimizer steps (0: first step only, and after a
             stage had to fall back to an exact gradient).
