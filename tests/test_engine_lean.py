@@ -112,8 +112,8 @@ def test_a_steps_backward_keeps_a_mask_of_the_residual_sums_relu_not_the_block_o
 def test_a_16_bit_steps_vjp_keeps_the_stored_input_not_its_float32_copy(monkeypatch) -> None:
     """``block_fp16``: a bottleneck reads its input in a 1×1 convolution and the residual sum only. Both read
     the stored 16-bit input (the convolution saves it), so its float32 copy is never made: the working set
-    drops by more than half an input; the gradients are the upcast copy's graph's (the input gradient bit for bit,
-    the weight gradients summed over the batch in another order)."""
+    drops by more than half an input; the gradients are the upcast copy's graph's (up to the order of float32
+    sums: the convolution reads the 16-bit copy a few images at a time)."""
     blocks = _bottlenecks()
     x = torch.randn(8, 256, 28, 28, requires_grad=True)
     weight = torch.randn(8, 256, 28, 28)
@@ -126,7 +126,7 @@ def test_a_16_bit_steps_vjp_keeps_the_stored_input_not_its_float32_copy(monkeypa
         grads_upcast = _gradients(stage, x, weight)
     input_bytes = x.numel() * x.element_size()
     assert compact <= upcast - input_bytes // 2, (compact / input_bytes, upcast / input_bytes)
-    assert torch.equal(grads_compact[0], grads_upcast[0])
+    assert relative_error(grads_compact[0], grads_upcast[0]) < 1e-6
     assert relative_error(grads_compact[1], grads_upcast[1]) < 1e-6
 
 
@@ -262,3 +262,75 @@ def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_r
         m(x).square().mean().backward()
     for (name, p), q in zip(model.named_parameters(), converted.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+# ------------------------------------------------------------------ a BatchNorm of an expanding 1×1 convolution
+@pytest.mark.parametrize("conv_bias", [False, True])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("frozen_conv", [False, True])
+def test_a_batchnorm_of_an_expanding_convolution_is_one_node_with_autograds_gradient(conv_bias, affine, in_place, frozen_conv) -> None:
+    """conv (4 -> 12 channels, 1×1) then training-mode BatchNorm: one node that saves the 4-channel input gives
+    autograd's output and every gradient of the pair (float64), with its own statistics given as the engine's."""
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    conv_weight = torch.randn(12, 4, 1, 1, dtype=torch.float64, requires_grad=not frozen_conv)
+    bias = torch.randn(12, dtype=torch.float64, requires_grad=True) if conv_bias else None
+    gamma = torch.randn(12, dtype=torch.float64, requires_grad=True) if affine else None
+    beta = torch.randn(12, dtype=torch.float64, requires_grad=True) if affine else None
+    grad_out = torch.randn(3, 12, 5, 6, dtype=torch.float64)
+    inputs = [t for t in (z, conv_weight, bias, gamma, beta) if t is not None and t.requires_grad]
+    expected_out = F.batch_norm(F.conv2d(z, conv_weight, bias), None, None, gamma, beta, True, 0.1, 1e-5)
+    expected = torch.autograd.grad(expected_out, inputs, grad_out)
+    x = F.conv2d(z, conv_weight, bias).detach()
+    var, mean = torch.var_mean(x, dim=[0, 2, 3], correction=0)
+    out = lean.BatchNormOfExpansion.apply(x, z, conv_weight, bias, gamma, beta, mean, var, 1e-5, in_place)
+    assert (out.data_ptr() == x.data_ptr()) == in_place
+    torch.testing.assert_close(out, expected_out, rtol=1e-12, atol=1e-12)
+    got = torch.autograd.grad(out, inputs, grad_out)
+    for e, g in zip(expected, got):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
+
+
+def test_a_steps_vjp_holds_neither_the_batchnorm_input_nor_its_gradient_at_the_expansion(monkeypatch) -> None:
+    """In a bottleneck step's VJP the 4×-channel convolution output is no longer saved for its BatchNorm (which
+    writes its output into it), and its gradient is never made: the working set falls by at least one
+    block output (measured: 1.5 at 28², exact block inputs). The gradients stay autograd's."""
+    blocks = _bottlenecks()
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 256, 28, 28)
+    stage = AdjointSequential(blocks).configure(method="block", store_every=None)
+    reference = copy.deepcopy(nn.Sequential(*blocks))
+    fused = _working_set(stage, x, weight)
+    with monkeypatch.context() as patch:  # the same engine, BatchNorm saving its input as autograd's does
+        patch.setattr(lean, "expanding_pointwise", lambda source, x: False)
+        separate = _working_set(stage, x, weight)
+    output_bytes = x.numel() * x.element_size()
+    assert fused <= separate - output_bytes, (fused / output_bytes, separate / output_bytes)
+    (grad_x, grads), (expected_x, expected) = _gradients(stage, x, weight), _gradients(reference, x, weight)
+    assert relative_error(grad_x, expected_x) < 1e-5
+    assert relative_error(grads, expected) < 1e-5
+
+
+@pytest.mark.parametrize("hook_on", ["conv3", "bn3"])
+def test_a_convolution_output_a_hook_can_see_is_not_overwritten_by_its_batchnorm(hook_on) -> None:
+    """A forward hook on conv3 (or a pre-hook on bn3) keeps conv3's output from the recomputation: it must still
+    hold the convolution's output after the backward, so the BatchNorm writes its own output elsewhere."""
+    torch.manual_seed(0)
+    blocks = _bottlenecks()
+    stage = AdjointSequential(blocks).configure(method="block", store_every=None)
+    seen: list[torch.Tensor] = []
+    conv_inputs: list[torch.Tensor] = []
+    block = blocks[1]
+    handles = [block.conv3.register_forward_pre_hook(lambda module, inputs: conv_inputs.append(inputs[0].detach().clone()))]
+    if hook_on == "conv3":
+        handles.append(block.conv3.register_forward_hook(lambda module, inputs, output: seen.append(output)))
+    else:
+        handles.append(block.bn3.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0])))
+    x = torch.randn(4, 256, 14, 14, requires_grad=True)
+    (stage(x) * torch.randn(4, 256, 14, 14)).sum().backward()
+    for handle in handles:
+        handle.remove()
+    assert len(seen) == len(conv_inputs) == 2  # the forward's and the recomputation's
+    for conv_input, output in zip(conv_inputs, seen):
+        torch.testing.assert_close(output.detach(), F.conv2d(conv_input, block.conv3.weight.detach()), rtol=1e-5, atol=1e-5)

@@ -395,7 +395,7 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
             x_leaf = x_s if x_s.dtype == tape.state_dtype else x_s.to(tape.state_dtype)
         del x_s
         x_leaf.requires_grad_(want_x)
-        with tape.replay.compact_input(compact):
+        with tape.replay.compact_input(compact), tape.replay.private_outputs([tape.stage[b] for b in blocks]):
             out, cache = tape.scheme.step(s, x_leaf, tape.evaluator("substitute"))
         cache = (cache.detach() if isinstance(cache, torch.Tensor) else cache) if want_cache else None
         root = _GradientFromHolder.apply(holder, out)
@@ -441,7 +441,8 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         leaves = tape.binding.leaves(indices)
         x_leaf = x_in.detach().requires_grad_(needs_input_grad)
         with torch.enable_grad(), record_function("resode::head"), tape.recomputing(tape.head_blocks(), leaves):
-            with _subsampled_shortcuts([stage[i] for i in tape.head_blocks()], x_leaf, shortcuts), tape.replay.lean_head():
+            head_blocks = [stage[i] for i in tape.head_blocks()]
+            with _subsampled_shortcuts(head_blocks, x_leaf, shortcuts), tape.replay.lean_head(), tape.replay.private_outputs(head_blocks):
                 x0 = tape.run_head(x_leaf, "exact")
     else:
         x0 = x_in

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils._pytree import tree_flatten
 
 SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
@@ -91,10 +93,13 @@ def pointwise_conv_arguments(args: tuple, kwargs: dict, graph: bool = True) -> t
 
 
 def _pointwise_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A 1×1 convolution of a contiguous NCHW tensor as one batched matrix product: a head's recomputation of a
-    BatchNorm input (measured on resnet50's step: 1.43× backprop's time instead of 1.49× with oneDNN's forward)."""
+    """A 1×1 convolution of a contiguous NCHW tensor as one batched matrix product (a head's recomputation of a
+    BatchNorm input measured 1.43× backprop's step time instead of 1.49× with oneDNN's convolution, which also
+    allocates an output-sized buffer besides its output at a bottleneck's 4× expansion)."""
     n, c, h, w = x.shape
-    out = torch.bmm(weight.view(weight.shape[0], c).expand(n, -1, -1), x.view(n, c, h * w)).view(n, -1, h, w)
+    out_channels = weight.shape[0]
+    out = x.new_empty((n, out_channels, h, w))  # written through a view: the result is not itself a view
+    torch.bmm(weight.view(out_channels, c).expand(n, -1, -1), x.view(n, c, h * w), out=out.view(n, out_channels, h * w))
     return out.add_(bias.view(1, -1, 1, 1)) if bias is not None else out
 
 
@@ -110,7 +115,15 @@ class PointwiseConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, compact):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x if compact is None else compact, weight)
         ctx.has_bias, ctx.dtype = bias is not None, x.dtype
-        return F.conv2d(x if compact is None else compact.to(x.dtype), weight, bias)
+        if compact is None:
+            return _pointwise_product(x, weight, bias)
+        # a few images at a time: the upcast copy of the 16-bit input is an eighth of it (oneDNN's convolution
+        # would take the whole upcast copy, and allocates an output-sized buffer of its own besides the output)
+        n, c, h, w = compact.shape
+        out = x.new_empty((n, weight.shape[0], h, w))
+        for rows in _batch_chunks(n):
+            out[rows] = _pointwise_product(compact[rows].to(x.dtype), weight, bias)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
@@ -223,3 +236,109 @@ class ConvSource:
             if pointwise_conv_arguments((inp, weight, None, *self.options), {}, graph=False) is not None:
                 return _pointwise_product(inp, weight, bias[0] if bias else None)
             return F.conv2d(inp, weight, bias[0] if bias else None, *self.options)
+
+
+def expanding_pointwise(source: "ConvSource", x: torch.Tensor) -> bool:
+    """Whether ``BatchNormOfExpansion`` applies to a BatchNorm of x, the output of ``source``: a 1×1
+    convolution (stride 1, one group) to at least twice its input channels, contiguous float32/64 on the CPU."""
+    z, weight = source.tensors[0], source.tensors[1]
+    if pointwise_conv_arguments((z, weight, None, *source.options), {}, graph=False) is None:
+        return False
+    return (
+        x.dtype in (torch.float32, torch.float64) and z.dtype == x.dtype and x.is_contiguous()
+        and 2 * z.shape[1] <= x.shape[1] and z.untyped_storage().nbytes() > 0
+    )
+
+
+class BatchNormOfExpansion(torch.autograd.Function):
+    """Training-mode BatchNorm, with given batch statistics, of a 1×1 convolution that expands the channels
+    (a bottleneck's last convolution, k → c ≥ 2k): one node for both, which saves the convolution's k-channel
+    input and never holds a c-channel tensor in its backward.
+
+    With x = W z + b, every term of the two backwards that reads x is a product of W with a k-channel sum:
+
+        Σ g·x      = rowsum(W ⊙ P) + b·Σg,                 P  = Σ g zᵀ   (c × k)
+        ∂L/∂z      = Wᵀ diag(scale) g − (Wᵀ diag(slope) W) z + Wᵀ (offset − slope·b)
+        ∂L/∂W      = diag(scale) P − diag(slope) (W G + b Σzᵀ) + offset Σzᵀ,  G = Σ z zᵀ   (k × k)
+
+    where ∂L/∂x = scale·g − slope·x + offset is training-mode BatchNorm's backward (as
+    ``replay._lean_batch_norm_backward`` writes it). Autograd's pair would save x (c channels) for the
+    BatchNorm and build ∂L/∂x (c channels) for the convolution: in resnet50's layer1 these were 6 MiB per
+    image of a step's VJP. The cost: the Gram products G and Wᵀ diag(slope) W z (k² per position each, a
+    quarter of the convolution's kc when c = 4k). x itself is passed detached, for the forward's value only;
+    ``in_place`` writes the output into x's buffer, where nothing else reads x (``replay`` knows when).
+    """
+
+    @staticmethod
+    def forward(ctx, x, z, conv_weight, conv_bias, weight, bias, mean, var, eps, in_place):  # noqa: ANN001, ANN205
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(z, conv_weight, conv_bias, weight, mean, invstd)
+        if not in_place:
+            return torch.native_batch_norm(x, weight, bias, mean, var, False, 0.0, eps)[0]
+        # x·α + β into x's own buffer, the arithmetic of the eval-mode kernel
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        scale = invstd if weight is None else weight * invstd
+        shift = -mean * scale if bias is None else bias - mean * scale
+        ctx.mark_dirty(x)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape), out=x)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        z, conv_weight, conv_bias, weight, mean, invstd = ctx.saved_tensors
+        n, k, h, w = z.shape
+        c = conv_weight.shape[0]
+        count = n * h * w
+        g = grad_out.contiguous().view(n, c, h * w)
+        z3 = z.view(n, k, h * w)
+        w2 = conv_weight.view(c, k)
+        product = torch.bmm(g, z3.transpose(1, 2)).sum(0)  # P = Σ g zᵀ
+        sum_g = g.sum((0, 2))
+        sum_gx = (w2 * product).sum(1)
+        if conv_bias is not None:
+            sum_gx = sum_gx + conv_bias * sum_g
+        grad_weight = (sum_gx - mean * sum_g) * invstd  # Σ g·x̂
+        scale = invstd if weight is None else weight * invstd
+        slope = scale * invstd * grad_weight / count
+        offset = slope * mean - scale * sum_g / count
+        needs = ctx.needs_input_grad
+        grad_z = grad_conv_weight = grad_conv_bias = None
+        if needs[1]:
+            shift = offset if conv_bias is None else offset - slope * conv_bias
+            grad_z = torch.bmm((w2.t() * scale).expand(n, k, c), g)
+            grad_z.baddbmm_(((w2.t() * slope) @ w2).expand(n, k, k), z3, alpha=-1)
+            grad_z += (w2.t() @ shift).view(1, k, 1)
+            grad_z = grad_z.view(n, k, h, w)
+        if needs[2] or (conv_bias is not None and needs[3]):
+            sum_z = z3.sum((0, 2))
+            if needs[2]:
+                gram = torch.bmm(z3, z3.transpose(1, 2)).sum(0)
+                grad_conv_weight = scale[:, None] * product - slope[:, None] * (w2 @ gram) + offset[:, None] * sum_z[None, :]
+                if conv_bias is not None:
+                    grad_conv_weight -= (slope * conv_bias)[:, None] * sum_z[None, :]
+                grad_conv_weight = grad_conv_weight.view_as(conv_weight)
+            if conv_bias is not None and needs[3]:
+                grad_conv_bias = scale * sum_g - slope * (w2 @ sum_z + conv_bias * count) + offset * count
+        return (
+            None, grad_z, grad_conv_weight, grad_conv_bias,
+            grad_weight if weight is not None and needs[4] else None, sum_g if needs[5] else None,
+            None, None, None, None,
+        )
+
+
+def private_conv_outputs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(convolution, BatchNorm) pairs of a timm ``Bottleneck`` whose code reads the convolution's output only as
+    the BatchNorm's input: (conv3, bn3), and its downsampling shortcut's ``Sequential(conv, bn)``. Only where no
+    hook could see that output (a forward hook on the convolution, a pre-hook on the BatchNorm, a global one):
+    then the BatchNorm may overwrite it."""
+    from timm.models.resnet import Bottleneck
+
+    if type(block) is not Bottleneck or _global_forward_hooks or _global_forward_pre_hooks:
+        return []
+    pairs = [(block.conv3, block.bn3)]
+    shortcut = block.downsample
+    if type(shortcut) is nn.Sequential and len(shortcut) == 2:
+        pairs.append((shortcut[0], shortcut[1]))
+    return [
+        (conv, bn) for conv, bn in pairs
+        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not conv._forward_hooks and not bn._forward_pre_hooks
+    ]

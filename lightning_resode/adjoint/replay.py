@@ -63,6 +63,7 @@ class BatchNormReplay(TorchFunctionMode):
         self._last_conv: lean.ConvSource | None = None
         self._lean_head = False
         self._compact: lean.CompactInput | None = None
+        self._private_outputs: list[tuple[nn.Module, nn.Module]] = []
 
     @contextlib.contextmanager
     def evaluation(self, mode: str, key: EvalKey | None = None) -> Iterator[None]:
@@ -104,6 +105,17 @@ class BatchNormReplay(TorchFunctionMode):
         finally:
             self._compact = previous
 
+    @contextlib.contextmanager
+    def private_outputs(self, blocks: list[nn.Module]) -> Iterator[None]:
+        """While recomputing a step of ``blocks``: the (convolution, BatchNorm) pairs of those blocks whose code
+        reads the convolution's output only through the BatchNorm (``lean.private_conv_outputs``), so that the
+        BatchNorm may overwrite it."""
+        previous, self._private_outputs = self._private_outputs, [pair for block in blocks for pair in lean.private_conv_outputs(block)]
+        try:
+            yield
+        finally:
+            self._private_outputs = previous
+
     def _next_record(self) -> tuple[torch.Tensor, torch.Tensor]:
         recorded = self.records.get(self._key, [])
         if self._cursor >= len(recorded):
@@ -136,6 +148,10 @@ class BatchNormReplay(TorchFunctionMode):
         if self._mode == "exact":
             source, self._last_conv = self._last_conv, None
             if source is not None and source.produced(x):
+                if lean.expanding_pointwise(source, x) and torch.is_grad_enabled():
+                    with torch.no_grad():
+                        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+                    return self._batch_norm_of_expansion(source, x, a, mean, var)
                 return _BatchStatisticsBatchNormOfConv.apply(x, a["weight"], a["bias"], a["eps"], source, *source.tensors)
             if _lean_backward_applies(x):
                 # F.batch_norm(training=True) without running statistics, whose CPU backward would allocate a
@@ -145,7 +161,19 @@ class BatchNormReplay(TorchFunctionMode):
         mean_fwd, var_fwd = self._next_record()
         if self._mode == "frozen":
             return func(x, mean_fwd, var_fwd, a["weight"], a["bias"], False, 0.0, a["eps"])
+        source, self._last_conv = self._last_conv, None
+        if source is not None and source.produced(x) and lean.expanding_pointwise(source, x) and torch.is_grad_enabled():
+            return self._batch_norm_of_expansion(source, x, a, mean_fwd, var_fwd)
         return _batch_norm_with_substituted_stats(x, mean_fwd, var_fwd, a["weight"], a["bias"], a["eps"])
+
+    def _batch_norm_of_expansion(self, source: lean.ConvSource, x: torch.Tensor, a: dict[str, Any], mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """Training-mode BatchNorm with statistics (mean, var) of x, the output of an expanding 1×1 convolution, as
+        one node with it (``lean.BatchNormOfExpansion``); in x's own buffer where only this BatchNorm reads x."""
+        z, conv_weight, *conv_bias = source.tensors
+        in_place = any(conv_weight is conv.weight and a["running_mean"] is bn.running_mean for conv, bn in self._private_outputs)
+        return lean.BatchNormOfExpansion.apply(
+            x.detach(), z, conv_weight, conv_bias[0] if conv_bias else None, a["weight"], a["bias"], mean, var, a["eps"], in_place
+        )
 
     def _lean_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         """A call of a step's (``substitute``) or a head's (``exact`` under ``lean_head``) graph, in ``lean`` form."""
@@ -164,8 +192,7 @@ class BatchNormReplay(TorchFunctionMode):
             else:
                 reads_compact = compact is not None and not compact.materialized and pointwise[0] is compact.leaf
                 out = lean.PointwiseConv.apply(*pointwise, compact.compact if reads_compact else None)
-            if self._mode == "exact":
-                self._last_conv = lean.ConvSource.of(args, kwargs, out)
+            self._last_conv = lean.ConvSource.of(args, kwargs, out)
             return out
         if self._mode == "substitute" and func in lean.RELUS and args and self._last_sum is not None and args[0] is self._last_sum():
             # in a head the output is the VJP's root, alive until the graph is built anyway: the mask would add
