@@ -27,13 +27,27 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from timm.models.resnet import Bottleneck
 from torch import nn
 
 from .adjoint import AdjointSequential
+from .adjoint.lean import register_private_conv_outputs
 from .adjoint.methods import METHODS, SCHEME_CHOICES, get_method
 from .policy import StagePolicy, check_policy_options
 
 __all__ = ["SCHEME_CHOICES", "adjoint_stages", "from_adjoint", "policy_of", "supported_stage_names", "to_adjoint"]
+
+def _bottleneck_private_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """timm's ``Bottleneck.forward`` reads ``conv3``'s output only as ``bn3``'s input, and its downsampling
+    shortcut ``Sequential(conv, bn)`` reads the convolution's output only as the BatchNorm's input."""
+    pairs = [(block.conv3, block.bn3)]
+    shortcut = block.downsample
+    if type(shortcut) is nn.Sequential and len(shortcut) == 2:
+        pairs.append((shortcut[0], shortcut[1]))
+    return pairs
+
+
+register_private_conv_outputs(Bottleneck, _bottleneck_private_pairs)
 
 _STEM_KEY = "_resode_stem"
 _POLICY_KEY = "_resode_policy"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -325,19 +326,28 @@ class BatchNormOfExpansion(torch.autograd.Function):
         )
 
 
-def private_conv_outputs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    """(convolution, BatchNorm) pairs of a timm ``Bottleneck`` whose code reads the convolution's output only as
-    the BatchNorm's input: (conv3, bn3), and its downsampling shortcut's ``Sequential(conv, bn)``. Only where no
-    hook could see that output (a forward hook on the convolution, a pre-hook on the BatchNorm, a global one):
-    then the BatchNorm may overwrite it."""
-    from timm.models.resnet import Bottleneck
+_PRIVATE_PAIRS_OF: dict[type, Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]] = {}
 
-    if type(block) is not Bottleneck or _global_forward_hooks or _global_forward_pre_hooks:
+
+def register_private_conv_outputs(
+    block_type: type, pairs_of: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]
+) -> None:
+    """Declare that blocks of ``block_type`` read the output of each (convolution, BatchNorm) pair that
+    ``pairs_of(block)`` names only as the BatchNorm's input. The engine cannot tell this from a block's
+    code; the adapter that knows a model family (timm's ``Bottleneck``) says it here, so the engine stays
+    free of any model library."""
+    _PRIVATE_PAIRS_OF[block_type] = pairs_of
+
+
+def private_conv_outputs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    """(convolution, BatchNorm) pairs of a block whose code reads the convolution's output only as the
+    BatchNorm's input (registered per block type by ``register_private_conv_outputs``). Only where no hook
+    could see that output (a forward hook on the convolution, a pre-hook on the BatchNorm, a global one):
+    then the BatchNorm may overwrite it."""
+    pairs_of = _PRIVATE_PAIRS_OF.get(type(block))
+    if pairs_of is None or _global_forward_hooks or _global_forward_pre_hooks:
         return []
-    pairs = [(block.conv3, block.bn3)]
-    shortcut = block.downsample
-    if type(shortcut) is nn.Sequential and len(shortcut) == 2:
-        pairs.append((shortcut[0], shortcut[1]))
+    pairs = pairs_of(block)
     return [
         (conv, bn) for conv, bn in pairs
         if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not conv._forward_hooks and not bn._forward_pre_hooks
