@@ -202,11 +202,13 @@ def test_a_retained_graph_reruns_at_each_backward(trained, images, store_every) 
 
 #: (fixture, cosine against plain timm, cosine against storing every input). With zero-init (zil) the 16-bit inputs
 #: cost next to nothing. Without it (nozil: the largest residual branches, a ReLU that clips), ``block_fp16`` itself
-#: is at 0.9984-0.9987 against exact backprop (docs/convert.md quotes 0.9984). Re-running rounds every input it
+#: is at 0.9977-0.9987 against exact backprop on these 16 images, depending on the machine that trained the fixture
+#: (0.9977 with and without re-runs on an AVX-512 EPYC's fixture): the bound against plain timm is the 16-bit
+#: method's, with room for fixtures trained elsewhere; what re-running adds is held by the second bound. Re-running rounds every input it
 #: recovers, the kept ones too, from a forward that goes on from the exact values: the steps' VJPs read what storing
 #: every input gives them, up to the re-run's own float32 arithmetic (BatchNorm normalising with the forward's
 #: statistics instead of computing them).
-FP16_BOUNDS = [(True, 0.999, 0.99999), (False, 0.998, 0.99999)]
+FP16_BOUNDS = [(True, 0.999, 0.99999), (False, 0.995, 0.99999)]
 
 
 @pytest.mark.parametrize(("zero_init_last", "against_plain", "against_stored"), FP16_BOUNDS, ids=["zil", "nozil"])
