@@ -284,9 +284,14 @@ def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_r
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("in_place", [False, True])
 @pytest.mark.parametrize("frozen_conv", [False, True])
-def test_a_batchnorm_of_an_expanding_convolution_is_one_node_with_autograds_gradient(conv_bias, affine, in_place, frozen_conv) -> None:
+@pytest.mark.parametrize("gram_form", [False, True])
+def test_a_batchnorm_of_an_expanding_convolution_is_one_node_with_autograds_gradient(
+    conv_bias, affine, in_place, frozen_conv, gram_form, monkeypatch
+) -> None:
     """conv (4 -> 12 channels, 1×1) then training-mode BatchNorm: one node that saves the 4-channel input gives
-    autograd's output and every gradient of the pair (float64), with its own statistics given as the engine's."""
+    autograd's output and every gradient of the pair (float64), with its own statistics given as the engine's;
+    by either of its backwards (Gram products, or recomputing the convolution where positions are few)."""
+    monkeypatch.setattr(lean, "_gram_form_is_cheaper", lambda *args: gram_form)
     torch.manual_seed(0)
     z = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
     conv_weight = torch.randn(12, 4, 1, 1, dtype=torch.float64, requires_grad=not frozen_conv)
@@ -333,7 +338,7 @@ def test_a_steps_vjp_holds_neither_the_batchnorm_input_nor_its_gradient_at_the_e
     _assert_float64_gradients_are_autograds(blocks, x, weight)
 
 
-@pytest.mark.parametrize("hook_on", ["conv3", "bn3"])
+@pytest.mark.parametrize("hook_on", ["conv3", "bn3", "bn3 forward hook"])
 def test_a_convolution_output_a_hook_can_see_is_not_overwritten_by_its_batchnorm(hook_on) -> None:
     """A forward hook on conv3 (or a pre-hook on bn3) keeps conv3's output from the recomputation: it must still
     hold the convolution's output after the backward, so the BatchNorm writes its own output elsewhere."""
@@ -346,8 +351,10 @@ def test_a_convolution_output_a_hook_can_see_is_not_overwritten_by_its_batchnorm
     handles = [block.conv3.register_forward_pre_hook(lambda module, inputs: conv_inputs.append(inputs[0].detach().clone()))]
     if hook_on == "conv3":
         handles.append(block.conv3.register_forward_hook(lambda module, inputs, output: seen.append(output)))
-    else:
+    elif hook_on == "bn3":
         handles.append(block.bn3.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0])))
+    else:  # a forward hook is handed the input as well as the output
+        handles.append(block.bn3.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0])))
     x = torch.randn(4, 256, 14, 14, requires_grad=True)
     (stage(x) * torch.randn(4, 256, 14, 14)).sum().backward()
     for handle in handles:
@@ -355,3 +362,48 @@ def test_a_convolution_output_a_hook_can_see_is_not_overwritten_by_its_batchnorm
     assert len(seen) == len(conv_inputs) == 2  # the forward's and the recomputation's
     for conv_input, output in zip(conv_inputs, seen):
         torch.testing.assert_close(output.detach(), F.conv2d(conv_input, block.conv3.weight.detach()), rtol=1e-5, atol=1e-5)
+
+
+def test_the_gram_form_is_chosen_where_positions_outnumber_the_channels() -> None:
+    """resnet50's bottleneck expansions (c = 4k), with both gradients: Gram products pay k²·c terms that do not
+    shrink with the positions, so they win only where the positions are several times k."""
+    assert lean._gram_form_is_cheaper(64, 256, 8 * 32 * 32, True, True)  # layer1, 8 images at 128²
+    assert not lean._gram_form_is_cheaper(512, 2048, 8 * 4 * 4, True, True)  # layer4, 8 images at 128²
+    assert not lean._gram_form_is_cheaper(256, 1024, 256, True, True)  # positions = k
+    assert lean._gram_form_is_cheaper(256, 1024, 64 * 14 * 14, True, True)  # layer3, 64 images at 224²
+
+
+@pytest.mark.parametrize("hook", ["bn3 forward hook", "conv3 backward hook", "downsample bn forward hook", "global forward hook"])
+def test_hooks_that_read_a_batchnorms_input_get_plain_timms_gradients(hook) -> None:
+    """A user's hook that reads bn3's input (conv3's output) and changes the block: a new user found a forward hook
+    on bn3 gave cosine 0.97 with the exact method, the BatchNorm having overwritten the input the hook read."""
+    from lightning_resode import to_adjoint
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet26", zero_init_last=False, channels=[16, 32, 64, 128], num_classes=5).double()
+    converted = to_adjoint(copy.deepcopy(model), scheme="block", check=False)
+
+    def target(m: nn.Module) -> nn.Module:
+        if hook.startswith("downsample"):
+            return m.layer2[0].downsample[1]
+        return m.layer2[1].conv3 if hook.startswith("conv3") else m.layer2[1].bn3
+
+    handles = []
+    for bn in (target(model), target(converted)):
+        if hook == "global forward hook":  # each acts on its own model's BatchNorm only
+            handles.append(nn.modules.module.register_module_forward_hook(
+                lambda m, inputs, output, bn=bn: output + 0.5 * inputs[0] if m is bn else None))
+        elif hook == "conv3 backward hook":  # (timm adds to bn3's output in place: no backward hook there)
+            handles.append(bn.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0] * 2,)))
+        else:
+            handles.append(bn.register_forward_hook(lambda m, inputs, output: output + 0.5 * inputs[0]))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    try:
+        for m in (model, converted):
+            m.train()
+            m(x).square().mean().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = flat_grad(model.parameters())
+    assert relative_error(flat_grad(converted.parameters()), expected) < 1e-10

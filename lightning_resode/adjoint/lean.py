@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import _global_backward_hooks, _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils._pytree import tree_flatten
 
 SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
@@ -303,6 +303,9 @@ class BatchNormOfExpansion(torch.autograd.Function):
         n, k, h, w = z.shape
         c = conv_weight.shape[0]
         count = n * h * w
+        needs = ctx.needs_input_grad
+        if not _gram_form_is_cheaper(k, c, count, needs[1], needs[2]):
+            return BatchNormOfExpansion._backward_by_recomputation(ctx, grad_out)
         g = grad_out.contiguous().view(n, c, h * w)
         z3 = z.view(n, k, h * w)
         w2 = conv_weight.view(c, k)
@@ -315,7 +318,6 @@ class BatchNormOfExpansion(torch.autograd.Function):
         scale = invstd if weight is None else weight * invstd
         slope = scale * invstd * grad_weight / count
         offset = slope * mean - scale * sum_g / count
-        needs = ctx.needs_input_grad
         grad_z = grad_conv_weight = grad_conv_bias = None
         if needs[1]:
             shift = offset if conv_bias is None else offset - slope * conv_bias
@@ -340,6 +342,56 @@ class BatchNormOfExpansion(torch.autograd.Function):
         )
 
 
+    @staticmethod
+    def _backward_by_recomputation(ctx, grad_out):  # noqa: ANN001, ANN205
+        """The pair's backward as autograd's, recomputing x = W z + b: cheaper where positions are few beside
+        the channels (``_gram_form_is_cheaper``), and there the c-channel tensors are small. BatchNorm's input
+        gradient is written into the recomputed x."""
+        z, conv_weight, conv_bias, weight, mean, invstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        n, k, h, w = z.shape
+        c = conv_weight.shape[0]
+        count = n * h * w
+        g = grad_out.contiguous()
+        x = _pointwise_product(z, conv_weight, conv_bias)
+        sum_g = g.sum((0, 2, 3))
+        grad_weight = ((g * x).sum((0, 2, 3)) - mean * sum_g) * invstd  # Σ g·x̂
+        scale = invstd if weight is None else weight * invstd
+        slope = scale * invstd * grad_weight / count
+        offset = slope * mean - scale * sum_g / count
+        shape = (1, c, 1, 1)
+        grad_x = x.mul_(-slope.view(shape)).addcmul_(g, scale.view(shape)).add_(offset.view(shape))
+        grad_z = grad_conv_weight = grad_conv_bias = None
+        grad3 = grad_x.view(n, c, h * w)
+        if needs[1]:
+            grad_z = torch.bmm(conv_weight.view(c, k).t().expand(n, k, c), grad3).view(n, k, h, w)
+        if needs[2]:
+            grad_conv_weight = _sum_of_products(grad3, z.view(n, k, h * w)).view_as(conv_weight)
+        if conv_bias is not None and needs[3]:
+            grad_conv_bias = grad3.sum((0, 2))
+        return (
+            None, grad_z, grad_conv_weight, grad_conv_bias,
+            grad_weight if weight is not None and needs[4] else None, sum_g if needs[5] else None,
+            None, None, None, None,
+        )
+
+
+def _gram_form_is_cheaper(k: int, c: int, positions: int, input_grad: bool, weight_grad: bool) -> bool:
+    """Multiply-adds of the Gram form (P = Σ g zᵀ, and for the input gradient Wᵀ diag(slope) W and its product
+    with z, for the weight gradient Σ z zᵀ and W times it) against recomputing x and running the pair's own
+    backward (one k·c product per position each). The Gram form's k²·c terms do not shrink with the positions:
+    at resnet50's layer4 with 8 images at 128² (16 positions each) they are 4× the convolution itself."""
+    gram = k * c * positions
+    recompute = k * c * positions
+    if input_grad:
+        gram += k * c * positions + k * k * c + k * k * positions
+        recompute += k * c * positions
+    if weight_grad:
+        gram += k * k * positions + c * k * k
+        recompute += k * c * positions
+    return gram < recompute
+
+
 _PRIVATE_PAIRS_OF: dict[type, Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]] = {}
 
 
@@ -359,10 +411,17 @@ def private_conv_outputs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     could see that output (a forward hook on the convolution, a pre-hook on the BatchNorm, a global one):
     then the BatchNorm may overwrite it."""
     pairs_of = _PRIVATE_PAIRS_OF.get(type(block))
-    if pairs_of is None or _global_forward_hooks or _global_forward_pre_hooks:
+    if pairs_of is None or _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks:
         return []
-    pairs = pairs_of(block)
     return [
-        (conv, bn) for conv, bn in pairs
-        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not conv._forward_hooks and not bn._forward_pre_hooks
+        (conv, bn) for conv, bn in pairs_of(block)
+        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not _hooks_could_see(conv) and not _hooks_could_see(bn)
     ]
+
+
+def _hooks_could_see(module: nn.Module) -> bool:
+    """Whether any hook of ``module`` is handed its input or output: a forward hook receives the input as well as
+    the output, so a BatchNorm's forward hook sees the convolution's output that an in-place BatchNorm overwrites."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
