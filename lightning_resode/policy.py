@@ -72,6 +72,9 @@ FREE_PEAK_TOLERANCE = 0.01
 PEAK_TIE = 0.02
 #: early rechecks (in training steps), before the regular ``recheck_every``
 EARLY_RECHECKS = (1, 10, 100)
+#: check mode: batches on which an explicit scheme's stages are tried before those still unmeasurable (too few
+#: values per BatchNorm channel) are reported unverified and no longer re-measured at every step
+MAX_CHECK_ATTEMPTS = 3
 
 
 def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: dict[str, str], images: torch.Tensor) -> float:
@@ -169,6 +172,9 @@ class StagePolicy:
     root: nn.Module | None = field(default=None, repr=False)
     _pending: set[str] = field(default_factory=set)
     _checked: bool = False
+    #: check mode: batches tried so far, and whether the user was told a stage could not be verified
+    _check_attempts: int = 0
+    _warned_unverified: bool = False
     #: the last ``_backprop_where_free`` measurement, by what it depended on
     _free_backprop: dict = field(default_factory=dict)
     #: the last ``_candidates_by_peak`` measurement: (key, candidates in order, peaks)
@@ -255,7 +261,10 @@ class StagePolicy:
         images, _ = split_batch(batch)
         if self.due():
             if images.shape[0] < 2:
-                return  # BatchNorm needs two images to measure: stay as is (exact before the first calibration)
+                # BatchNorm needs two images to measure: stay as is (exact before the first calibration)
+                if self.mode == "check":
+                    self._warn_unverified(sorted(self._approximate_stages()), "batches of 1 image (a measurement needs 2)")
+                return
             self.calibrate(model, batch)
         self.step += 1
 
@@ -298,7 +307,11 @@ class StagePolicy:
                     log.warning("the batch has NaN/inf values: the explicit scheme(s) are checked on the next batch")
                     return []
                 new, all_measured = self._check(model, images, targets)
-                self._checked = all_measured
+                self._check_attempts += 1
+                self._checked = all_measured or self._check_attempts >= MAX_CHECK_ATTEMPTS
+                if not all_measured and self._checked:
+                    unmeasured = sorted({d.stage for d in new if "not measured on this batch" in d.reason})
+                    self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)")
             else:
                 new = self._choose(model, images, targets)
                 self._pending.clear()
@@ -512,6 +525,23 @@ class StagePolicy:
         # recomputation replaces a bad gradient, and the stage is measured again
         spec = get_method(method)
         stage.fallback = spec.gradient == "adjoint" or (spec.gradient == "block" and spec.block_dtype is not None)
+
+    def _approximate_stages(self) -> list[str]:
+        return [name for name, stage in self.stages.items() if not get_method(stage.method).exact]
+
+    def _warn_unverified(self, names: list[str], why: str) -> None:
+        """Once per run: an explicit approximate scheme whose gradient nothing measured is a promise we cannot keep."""
+        if self._warned_unverified or not names:
+            return
+        self._warned_unverified = True
+        methods = sorted({self.stages[name].method for name in names})
+        warnings.warn(
+            f"stage(s) {names}: the gradient of the explicit scheme(s) {methods} could not be checked against exact "
+            f"backprop on {why}; they train unverified. Use scheme='auto' or a stored-input method ('block_fp16', "
+            "'block'), or train with larger batches",
+            UserWarning,
+            stacklevel=3,
+        )
 
     def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> tuple[list[PolicyDecision], bool]:
         """Decisions for the explicit approximate stages, and whether each one's method really ran (a stage whose

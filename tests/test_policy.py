@@ -63,6 +63,40 @@ def test_an_explicit_unsafe_method_warns_loudly_on_its_first_step(trained_small,
     assert {s.method for s in adjoint_stages(model).values()} == {"euler_fast"}  # explicit: never changed
 
 
+def _training_warnings(model: torch.nn.Module, data, batch: int, steps: int, size: int = 32) -> list[str]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(steps):
+            rows = slice(batch * step, batch * step + batch)
+            _grad(model, F.interpolate(data.train_images[rows], size=size), data.train_labels[rows])
+    return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+
+def test_an_explicit_method_that_batches_of_one_image_cannot_check_says_so_once(trained_small, data) -> None:
+    """A new user's run at batch size 1 (common at high resolution) trained euler_fast at cosine 0.03, silently:
+    the check needs two images and was skipped at every step."""
+    model = to_adjoint(copy.deepcopy(trained_small("resnet50", False).model), scheme="euler_fast")
+    messages = _training_warnings(model, data, batch=1, steps=4, size=64)  # layer4 2×2: plain timm trains
+    unverified = [m for m in messages if "could not be checked" in m]
+    assert len(unverified) == 1, messages
+    assert "['euler_fast']" in unverified[0] and "batches of 1 image" in unverified[0] and "'auto'" in unverified[0]
+
+
+def test_stages_too_small_to_measure_are_reported_unverified_once_and_not_remeasured_every_step(trained_small, data) -> None:
+    """At 2 images of 32² layer4 holds 2 values per BatchNorm channel: too few to measure. The check tries a few
+    batches, then says which stages it could not verify, once, instead of measuring again (and warning) each step."""
+    from lightning_resode.policy import MAX_CHECK_ATTEMPTS
+
+    model = to_adjoint(copy.deepcopy(trained_small("resnet50", True).model), scheme="euler_fast")
+    policy = policy_of(model)
+    messages = _training_warnings(model, data, batch=2, steps=MAX_CHECK_ATTEMPTS + 3)
+    unverified = [m for m in messages if "could not be checked" in m]
+    assert len(unverified) == 1 and "layer4" in unverified[0], messages
+    assert policy._check_attempts == MAX_CHECK_ATTEMPTS and not policy.due()
+
+
 def test_calibration_leaves_the_model_as_it_was(trained_small, data) -> None:
     model = to_adjoint(trained_small("resnet50", False).model)
     before = copy.deepcopy(model.state_dict())
