@@ -164,6 +164,12 @@ def _family_of(model: nn.Module) -> _Family:
     for family in _FAMILIES:
         if family.matches(model):
             return family
+    compiled = getattr(model, "_orig_mod", None)
+    if isinstance(compiled, nn.Module):  # torch.compile's wrapper: it compiled the unconverted stages
+        raise TypeError(
+            f"cannot convert a torch.compile'd model (of a {type(compiled).__name__}): convert first, then compile: "
+            "model = torch.compile(to_adjoint(model))"
+        )
     raise TypeError(
         f"cannot convert a {type(model).__module__}.{type(model).__name__}: its residual stages are unknown. "
         f"Supported families: {_supported_summary()}"

@@ -259,6 +259,8 @@ class StagePolicy:
         if measuring():
             return  # a measurement is not a training step: no calibration, no step count
         images, _ = split_batch(batch)
+        if images.shape[0] == 0:
+            return  # an empty batch trains nothing
         if self.due():
             if images.shape[0] < 2:
                 # BatchNorm needs two images to measure: stay as is (exact before the first calibration)
@@ -535,10 +537,11 @@ class StagePolicy:
             return
         self._warned_unverified = True
         methods = sorted({self.stages[name].method for name in names})
+        others = ", ".join(repr(m) for m in ("block_fp16", "block") if m not in methods)
         warnings.warn(
             f"stage(s) {names}: the gradient of the explicit scheme(s) {methods} could not be checked against exact "
-            f"backprop on {why}; they train unverified. Use scheme='auto' or a stored-input method ('block_fp16', "
-            "'block'), or train with larger batches",
+            f"backprop on {why}; they train unverified. Use scheme='auto', a stored-input method ({others}), or "
+            "larger batches",
             UserWarning,
             stacklevel=3,
         )
@@ -561,6 +564,11 @@ class StagePolicy:
         for name, plan in unmeasured.items():
             new.append(PolicyDecision(name, plan.configured_method, self.step, float("nan"), float("nan"), f"{plan.configured_method} (explicit): not measured on this batch: {plan.reason}"))
         stages = {n: s for n, s in stages.items() if n not in unmeasured}
+        if grads is None:  # the error names the stage that failed: the others were not measured, not wrong
+            failed = {n: s for n, s in stages.items() if f"stage {n}:" in failure} or stages
+            for name in stages.keys() - failed.keys():
+                new.append(PolicyDecision(name, stages[name].method, self.step, float("nan"), float("nan"), f"{stages[name].method} (explicit): not measured on this batch: stage(s) {sorted(failed)} failed"))
+            stages = failed
         for name, stage in stages.items():
             if grads is None:
                 cosine = model_cosine = float("nan")
@@ -576,9 +584,10 @@ class StagePolicy:
                     f"gives its parameters a gradient cosine of {cosine:.4f} against exact backprop on this batch, "
                     f"below {self.min_cosine}"
                 )
+                others = ", ".join(repr(m) for m in ("block_fp16", "block") if m != stage.method)
                 warnings.warn(
                     f"stage {name}: scheme {stage.method!r} {measured}: its gradients are wrong for these weights. "
-                    "Use scheme='auto' (measures and picks per stage) or a stored-input method ('block_fp16', 'block')",
+                    f"Use scheme='auto' (measures and picks per stage) or a stored-input method ({others})",
                     UserWarning,
                     stacklevel=2,
                 )

@@ -105,3 +105,29 @@ def test_a_misspelled_recipe_key_is_one_short_error_with_a_suggestion(tmp_path: 
     err = capsys.readouterr().err
     assert "model.schme" in err and "did you mean --model.scheme?" in err, err
     assert len(err.strip().splitlines()) <= 4, err  # usage, tip, error: not every option of every section
+
+
+def test_converting_a_compiled_model_says_to_convert_first() -> None:
+    import timm
+    import torch
+
+    from lightning_resode import to_adjoint
+
+    with pytest.raises(TypeError, match=r"convert first, then compile: model = torch.compile\(to_adjoint\(model\)\)"):
+        to_adjoint(torch.compile(timm.create_model("resnet18", pretrained=False)))
+
+
+def test_an_empty_batch_trains_as_in_timm() -> None:
+    import warnings
+
+    import timm
+    import torch
+
+    from lightning_resode import to_adjoint
+
+    model = to_adjoint(timm.create_model("resnet18", pretrained=False), scheme="block_fp16").train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no 'could not be checked' for a batch of nothing
+        out = model(torch.randn(0, 3, 64, 64))
+    out.sum().backward()
+    assert out.shape == (0, 1000)

@@ -253,3 +253,25 @@ def test_measuring_the_candidates_peaks_leaves_frozen_parameters_grads_alone() -
     assert policy_of(model)._candidate_order is not None  # the peaks were measured
     for name, p in model.named_parameters():
         assert p.grad is not None and torch.equal(p.grad, before[name]), name
+
+
+def test_a_16_bit_overflow_in_one_stage_is_blamed_on_that_stage_only() -> None:
+    """A new user saw layer1, layer2 and layer3 each blamed for layer2's float16 overflow, and told to use
+    'block_fp16', the scheme that had just failed."""
+    import warnings
+
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet26", num_classes=5, zero_init_last=False, channels=[16, 32, 64, 128]).train()
+    with torch.no_grad():  # layer2's residual stream beyond float16's range
+        for bn in (model.layer2[0].bn3, model.layer2[0].downsample[1]):
+            bn.weight.mul_(1e5)
+            bn.bias.mul_(1e5)
+    to_adjoint(model, scheme="block_fp16")
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ReconstructionError, match="stage layer2"):
+        warnings.simplefilter("always")
+        F.cross_entropy(model(torch.randn(8, 3, 32, 32)), torch.randint(0, 5, (8,))).backward()
+    blamed = [str(w.message) for w in caught if "failed on this batch" in str(w.message)]
+    assert len(blamed) == 1 and blamed[0].startswith("stage layer2:"), blamed
+    assert "stored-input method ('block')" in blamed[0]

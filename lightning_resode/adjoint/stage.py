@@ -306,8 +306,8 @@ class AdjointSequential(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and torch.is_grad_enabled()) or _traced(x):
-            return self.plain_forward(x)
+        if not (self.training and torch.is_grad_enabled()) or _traced(x) or x.numel() == 0:
+            return self.plain_forward(x)  # (an empty batch keeps nothing: autograd's graph is free, as in timm)
         return self._training_forward(x)
 
     def __prepare_scriptable__(self) -> nn.Module:
