@@ -3,6 +3,7 @@ TensorBoard missing."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -131,3 +132,18 @@ def test_an_empty_batch_trains_as_in_timm() -> None:
         out = model(torch.randn(0, 3, 64, 64))
     out.sum().backward()
     assert out.shape == (0, 1000)
+
+
+def test_a_mistyped_model_name_is_answered_with_names_that_convert() -> None:
+    """A new user's 'tresnt_m' was answered with tresnet_m / tresnet_l, which to_adjoint then refused."""
+    from lightning_resode.lit.module import _check_model_name
+
+    from lightning_resode import to_adjoint
+
+    for typo in ("tresnt_m", "seresnxt26"):
+        with pytest.raises(ValueError, match=f"unknown timm model name '{typo}'") as raised:
+            _check_model_name(typo)
+        suggested = re.findall(r"'([a-z0-9_]+)'", str(raised.value).split("did you mean", 1)[-1])
+        assert suggested, str(raised.value)
+        for name in suggested:  # each one converts
+            to_adjoint(timm.create_model(name, pretrained=False, num_classes=2), scheme="block")

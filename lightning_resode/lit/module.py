@@ -106,7 +106,9 @@ def _check_schedule_options(hp: Any) -> None:
 def _check_model_name(model_name: str) -> None:
     if timm.is_model(model_name):
         return
-    close = difflib.get_close_matches(model_name, timm.list_models(), n=5, cutoff=0.6)
+    # suggest only the families to_adjoint converts (timm's resnet and resnetv2 modules): a close name of
+    # another family would be refused next
+    close = difflib.get_close_matches(model_name, timm.list_models(module=["resnet", "resnetv2"]), n=5, cutoff=0.6)
     hint = f"; did you mean {close}?" if close else "; see timm.list_models('resnet*')"
     raise ValueError(f"unknown timm model name {model_name!r}{hint}")
 
