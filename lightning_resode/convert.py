@@ -386,8 +386,9 @@ def to_adjoint(
     check_policy_options(scheme, min_cosine, recheck_every)
     if scheme == "heun":
         warnings.warn(
-            "scheme='heun' changes the network's function (Heun steps pair consecutive blocks); a pretrained "
-            "timm ResNet is an Euler network, so its outputs change. Use an Euler scheme to fine-tune it",
+            "scheme='heun' changes the network's function (Heun steps pair consecutive blocks): weights trained "
+            "as a timm ResNet (an Euler network) give other outputs. Use it to train from scratch; to fine-tune, "
+            "use an Euler scheme or a stored-input one",
             stacklevel=2,
         )
     slots = _slots(model, family)
