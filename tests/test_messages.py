@@ -147,3 +147,15 @@ def test_a_mistyped_model_name_is_answered_with_names_that_convert() -> None:
         assert suggested, str(raised.value)
         for name in suggested:  # each one converts
             to_adjoint(timm.create_model(name, pretrained=False, num_classes=2), scheme="block")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8])
+def test_an_input_of_another_dtype_than_the_weights_is_named_before_the_engine_runs(dtype) -> None:
+    from lightning_resode import to_adjoint
+
+    model = to_adjoint(timm.create_model("resnet18", pretrained=False), scheme="block").train()
+    images = (torch.rand(2, 3, 64, 64) * 255).to(dtype)
+    with pytest.raises(TypeError, match=rf"stage stem: the input is {dtype} but the weights are torch.float32; convert the images \(x.to\(torch.float32\)\)"):
+        model(images)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for itself: no error
+        model(torch.rand(2, 3, 64, 64)).float().sum().backward()

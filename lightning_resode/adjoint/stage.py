@@ -273,6 +273,18 @@ class AdjointSequential(nn.Module):
                 "ones) or leave this stage unconverted"
             )
 
+    def _reject_input_dtype(self, x: torch.Tensor) -> None:
+        """An input of another dtype than the weights fails in the first convolution, deep inside the engine's
+        replay: say so here, as the plain network would have failed, naming both (autocast casts on its own)."""
+        weight = _first_floating_parameter(self)
+        if weight is None or x.dtype == weight.dtype or torch.is_autocast_enabled(x.device.type):
+            return
+        model_too = f" or the model (model.to({x.dtype}))" if x.is_floating_point() else ""
+        raise TypeError(
+            f"stage {self.display_name}: the input is {x.dtype} but the weights are {weight.dtype}; convert the "
+            f"images (x.to({weight.dtype})){model_too}, or run under torch.autocast"
+        )
+
     def _reject_sync_batchnorm(self) -> None:
         # SyncBatchNorm all-gathers statistics; replaying it in backward would issue collectives that the
         # other ranks do not match (or match in another order). Per-device BatchNorm replays exactly.
@@ -336,10 +348,15 @@ class AdjointSequential(nn.Module):
         if not binding.trainable and not x.requires_grad:
             return self.plain_forward(x)
         self._reject_sync_batchnorm()
+        self._reject_input_dtype(x)
         tape = Tape(self, binding, x)
         if gradient == "checkpoint" or self.exact_head == len(self):
             return run_checkpoint(tape, x)
         return run_chain(tape, x)
+
+
+def _first_floating_parameter(module: nn.Module) -> torch.Tensor | None:
+    return next((p for p in module.parameters() if p.is_floating_point()), None)
 
 
 def _traced(x: torch.Tensor) -> bool:
