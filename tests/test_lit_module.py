@@ -72,3 +72,14 @@ def test_ode_resnet_tied_weights_load_into_the_untied_model(tmp_path: Path) -> N
     untied.eval()
     images = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(untied(images), tied(images))
+
+
+def test_one_stage_name_may_be_given_as_a_string_as_on_the_command_line() -> None:
+    """``--model.stages=layer4`` was refused with a jsonargparse union dump; a bare name must not be read as a
+    set of letters either ('layer4' in 'layer4' and 'layer' in 'layer4' are both true of a string)."""
+    from lightning_resode.lit import ResodeClassifier
+
+    module = ResodeClassifier(model_name="resnet18", pretrained=False, num_classes=3, stages="layer4")
+    assert module.hparams.stages == ["layer4"]
+    with pytest.raises(ValueError, match="layr4"):
+        ResodeClassifier(model_name="resnet18", pretrained=False, num_classes=3, stages="layr4")

@@ -140,7 +140,7 @@ class ResodeClassifier(pl.LightningModule):
         weights_partial: let ``weights_file`` differ beyond the classifier (keys of another shape, missing or
             unknown are skipped, with a warning listing them); otherwise that is an error naming the keys.
         model_kwargs: extra ``timm.create_model`` arguments (``drop_path_rate``, ODE ResNet ``depth``…).
-        stages: stage names to convert (``["layer3", "layer4"]``); ``None`` converts all, ``[]`` none.
+        stages: stage names to convert (``["layer3", "layer4"]``, or one name); ``None`` converts all, ``[]`` none.
         scheme: how each converted stage computes its gradient. ``auto`` (default): per stage, the method
             with the least peak memory whose gradient cosine against exact backprop reaches ``min_cosine``,
             measured on the first training batch (on the training device and precision, on rank 0, the
@@ -195,7 +195,7 @@ class ResodeClassifier(pl.LightningModule):
         weights_file: str | None = None,
         weights_partial: bool = False,
         model_kwargs: dict[str, Any] | None = None,
-        stages: list[str] | None = None,
+        stages: list[str] | str | None = None,
         scheme: Scheme = "auto",
         refine: int = 0,
         anchor_every: int | None = None,
@@ -230,6 +230,8 @@ class ResodeClassifier(pl.LightningModule):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
+        if isinstance(stages, str):  # --model.stages=layer4: one stage, as to_adjoint takes it
+            stages = [stages]
         self.save_hyperparameters()
         _check_schedule_options(self.hparams)
         _check_model_name(model_name)
