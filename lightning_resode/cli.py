@@ -188,7 +188,27 @@ class _ResodeParser(LightningArgumentParser):
                 "classes, e.g. --data=SyntheticDataModule --data.init_args.num_classes=N, or an image folder with N "
                 "class folders"
             )
+        unknown = re.search(r"Parser key \"(\w+)\":.*?given class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message, re.S)
+        if unknown:  # jsonargparse's union dump (subtypes, NestedArg) around one unknown option of a class
+            section, class_path, key = unknown.groups()
+            message = f"{section} option {key!r} is not an option of {class_path}" + _close_init_arg(class_path, key, section)
         super().error(message + _did_you_mean(message, self), ex)
+
+
+def _close_init_arg(class_path: str, key: str, section: str) -> str:
+    """'; did you mean --data.init_args.batch_size?' from the class's own constructor arguments."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        accepted = list(inspect.signature(getattr(importlib.import_module(module), name)).parameters)
+    except (ImportError, AttributeError, ValueError, TypeError):
+        return ""
+    close = difflib.get_close_matches(key, accepted, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean --{section}.init_args.{close[0]}?"
+    return f"; its options: {', '.join(a for a in accepted if a not in ('self', 'args', 'kwargs'))}"
 
 
 def _did_you_mean(message: str, parser: ArgumentParser) -> str:

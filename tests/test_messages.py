@@ -159,3 +159,15 @@ def test_an_input_of_another_dtype_than_the_weights_is_named_before_the_engine_r
         model(images)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casts for itself: no error
         model(torch.rand(2, 3, 64, 64)).float().sum().backward()
+
+
+@pytest.mark.parametrize("option", ["--data.batch_sise=3", "--data.init_args.batch_sise=3"])
+def test_a_misspelled_data_option_is_one_short_error_with_a_suggestion(tmp_path: Path, capsys, option: str) -> None:
+    """A new user got jsonargparse's union dump (subtypes, a NestedArg) for one misspelled data option."""
+    with pytest.raises(SystemExit) as info:
+        main(["fit", *QUICK, f"--trainer.default_root_dir={tmp_path}", option])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'batch_sise' is not an option of lightning_resode.lit.DigitsDataModule" in err, err
+    assert "did you mean --data.init_args.batch_size?" in err and "NestedArg" not in err, err
+    assert len(err.strip().splitlines()) <= 4, err
