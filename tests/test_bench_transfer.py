@@ -39,6 +39,7 @@ def _check_run(bench, result: dict, steps: int, eval_every: int) -> None:
                 assert run["failed_steps"] == 0 and run["first_step_grad_cosine"] == pytest.approx(1.0, abs=1e-6), (key, method, run)
 
 
+@pytest.mark.slow  # make test-slow: a benchmark script end to end (22 s)
 def test_transfer_runs_every_method_from_the_same_start(trained_small, bench, tmp_path) -> None:
     trained_small("resnet50", False)  # train (or load) through the session fixture first
     result = bench.main(["--quick", "--models", "resnet50", "--inits", "nozil", "--steps", "4", "--eval-every", "2", "--out", str(tmp_path)])

@@ -250,6 +250,7 @@ def test_largest_batch_search_doubles_then_bisects() -> None:
         search(lambda b: True, start=0, cap=10, deadline=1.0)
 
 
+@pytest.mark.slow  # make test-slow: the GPU check script end to end on CPU (12 s)
 def test_gpu_check_dry_run_writes_json_and_table(tmp_path: Path) -> None:
     gpu_check = _gpu_check_module()
     threads = torch.get_num_threads()

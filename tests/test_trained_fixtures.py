@@ -15,6 +15,9 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+# make test-slow: tests/test_fixture_reproducibility.py trains the same fixture in another process (one thread,
+# AVX2 kernels) and compares every bit, which this same-process retraining only repeats
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_weights(trained_small) -> None:
     cached = trained_small("resnet50", False)  # trained by this or another process with the same recipe
     info_a = cached.info
