@@ -141,16 +141,14 @@ def fine_tune(
             optimizer.zero_grad(set_to_none=True)
             try:
                 F.cross_entropy(model(data.train_images[idx]), data.train_labels[idx]).backward()
-            except ReconstructionError as err:
+            except ReconstructionError as err:  # no update this step; the curve still gets its point
                 failed.append(step)
                 if len(failed) == 1:
                     caught.append(f"step {step}: {type(err).__name__}: {err}")
-                if decay is not None:
-                    decay.step()
-                continue
-            if step == 1 and reference_grad is not None:
-                first_cosine = _cosine(_flat_grads(model), reference_grad)
-            optimizer.step()
+            else:
+                if step == 1 and reference_grad is not None:
+                    first_cosine = _cosine(_flat_grads(model), reference_grad)
+                optimizer.step()
             if decay is not None:
                 decay.step()
             if step % eval_every == 0 or step == steps:
