@@ -37,6 +37,7 @@ from .policy import StagePolicy, check_policy_options
 
 __all__ = ["SCHEME_CHOICES", "adjoint_stages", "from_adjoint", "policy_of", "supported_stage_names", "to_adjoint"]
 
+
 def _bottleneck_private_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """timm's ``Bottleneck.forward`` reads ``conv3``'s output only as ``bn3``'s input, and its downsampling
     shortcut ``Sequential(conv, bn)`` reads the convolution's output only as the BatchNorm's input."""

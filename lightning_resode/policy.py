@@ -77,6 +77,11 @@ EARLY_RECHECKS = (1, 10, 100)
 MAX_CHECK_ATTEMPTS = 3
 
 
+def _stored_input_methods_other_than(methods: list[str]) -> str:
+    """The stored-input methods to advise, never one that was just found wanting."""
+    return ", ".join(repr(m) for m in ("block_fp16", "block") if m not in methods)
+
+
 def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: dict[str, str], images: torch.Tensor) -> float:
     """Peak MiB per image of a training step with these methods (fallback on, as training runs them), as the
     slope between half the images and all of them: what the parameters and their gradients cost does not scale with
@@ -308,11 +313,10 @@ class StagePolicy:
                 if not bool(torch.isfinite(images).all()):
                     log.warning("the batch has NaN/inf values: the explicit scheme(s) are checked on the next batch")
                     return []
-                new, all_measured = self._check(model, images, targets)
+                new, unmeasured = self._check(model, images, targets)
                 self._check_attempts += 1
-                self._checked = all_measured or self._check_attempts >= MAX_CHECK_ATTEMPTS
-                if not all_measured and self._checked:
-                    unmeasured = sorted({d.stage for d in new if "not measured on this batch" in d.reason})
+                self._checked = not unmeasured or self._check_attempts >= MAX_CHECK_ATTEMPTS
+                if unmeasured and self._checked:
                     self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)")
             else:
                 new = self._choose(model, images, targets)
@@ -537,7 +541,7 @@ class StagePolicy:
             return
         self._warned_unverified = True
         methods = sorted({self.stages[name].method for name in names})
-        others = ", ".join(repr(m) for m in ("block_fp16", "block") if m not in methods)
+        others = _stored_input_methods_other_than(methods)
         warnings.warn(
             f"stage(s) {names}: the gradient of the explicit scheme(s) {methods} could not be checked against exact "
             f"backprop on {why}; they train unverified. Use scheme='auto', a stored-input method ({others}), or "
@@ -546,14 +550,14 @@ class StagePolicy:
             stacklevel=3,
         )
 
-    def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> tuple[list[PolicyDecision], bool]:
-        """Decisions for the explicit approximate stages, and whether each one's method really ran (a stage whose
-        BatchNorm sees too few values here runs exactly: it is checked again on the next batch)."""
+    def _check(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> tuple[list[PolicyDecision], list[str]]:
+        """Decisions for the explicit approximate stages, and the stages whose method did not really run (a stage
+        whose BatchNorm sees too few values here runs exactly: it is checked again on the next batch)."""
         params = unique_params(model)
         stages = {n: s for n, s in self.stages.items() if not get_method(s.method).exact}
         new: list[PolicyDecision] = []
         if not stages:
-            return new, True
+            return new, []
         with side_effect_free(model), no_fallback(self.stages) as ran:
             exact = exact_gradients(model, self.stages, images, targets, params)
             try:
@@ -584,7 +588,7 @@ class StagePolicy:
                     f"gives its parameters a gradient cosine of {cosine:.4f} against exact backprop on this batch, "
                     f"below {self.min_cosine}"
                 )
-                others = ", ".join(repr(m) for m in ("block_fp16", "block") if m != stage.method)
+                others = _stored_input_methods_other_than([stage.method])
                 warnings.warn(
                     f"stage {name}: scheme {stage.method!r} {measured}: its gradients are wrong for these weights. "
                     f"Use scheme='auto' (measures and picks per stage) or a stored-input method ({others})",
@@ -601,7 +605,7 @@ class StagePolicy:
                 UserWarning,
                 stacklevel=2,
             )
-        return new, not unmeasured
+        return new, sorted(unmeasured)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:

@@ -296,7 +296,7 @@ class BatchNormOfExpansion(torch.autograd.Function):
         ∂L/∂W      = diag(scale) P − diag(slope) (W G + b Σzᵀ) + offset Σzᵀ,  G = Σ z zᵀ   (k × k)
 
     where ∂L/∂x = scale·g − slope·x + offset is training-mode BatchNorm's backward (as
-    ``replay._lean_batch_norm_backward`` writes it). Autograd's pair would save x (c channels) for the
+    ``batch_norm_backward`` writes it). Autograd's pair would save x (c channels) for the
     BatchNorm and build ∂L/∂x (c channels) for the convolution: in resnet50's layer1 these were 6 MiB per
     image of a step's VJP. The cost: the Gram products G and Wᵀ diag(slope) W z (k² per position each, a
     quarter of the convolution's kc when c = 4k). x itself is passed detached, for the forward's value only;
@@ -364,22 +364,14 @@ class BatchNormOfExpansion(torch.autograd.Function):
     @staticmethod
     def _backward_by_recomputation(ctx, grad_out):  # noqa: ANN001, ANN205
         """The pair's backward as autograd's, recomputing x = W z + b: cheaper where positions are few beside
-        the channels (``_gram_form_is_cheaper``), and there the c-channel tensors are small. BatchNorm's input
-        gradient is written into the recomputed x."""
+        the channels (``_gram_form_is_cheaper``), and there the c-channel tensors are small."""
         z, conv_weight, conv_bias, weight, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
         n, k, h, w = z.shape
         c = conv_weight.shape[0]
-        count = n * h * w
-        g = grad_out.contiguous()
         x = _pointwise_product(z, conv_weight, conv_bias)
-        sum_g = g.sum((0, 2, 3))
-        grad_weight = ((g * x).sum((0, 2, 3)) - mean * sum_g) * invstd  # Σ g·x̂
-        scale = invstd if weight is None else weight * invstd
-        slope = scale * invstd * grad_weight / count
-        offset = slope * mean - scale * sum_g / count
-        shape = (1, c, 1, 1)
-        grad_x = x.mul_(-slope.view(shape)).addcmul_(g, scale.view(shape)).add_(offset.view(shape))
+        grad_x, grad_weight, sum_g = batch_norm_backward(grad_out.contiguous(), x, weight, mean, invstd)
+        del x
         grad_z = grad_conv_weight = grad_conv_bias = None
         grad3 = grad_x.view(n, c, h * w)
         if needs[1]:
@@ -393,6 +385,34 @@ class BatchNormOfExpansion(torch.autograd.Function):
             grad_weight if weight is not None and needs[4] else None, sum_g if needs[5] else None,
             None, None, None, None,
         )
+
+
+def batch_norm_backward(
+    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Training-mode BatchNorm backward that allocates one tensor of the input's size (the gradient).
+
+    The CPU kernel allocates a second, temporary one; inside a block's VJP that temporary sits on top of
+    the step's peak. Here the per-channel sums come from the eval-mode kernel (one fused pass, no
+    gradient tensor), and the gradient is two fused multiply-adds into one buffer:
+
+        grad_x = w·invstd · (g - Σg/M - x̂ · Σ(g·x̂)/M),   x̂ = (x - mean)·invstd
+               = g·(w·invstd) + x·(-slope) + (slope·mean - w·invstd·Σg/M),   slope = w·invstd³·Σ(g·(x-mean))/M
+    """
+    c = x.shape[1]
+    count = x.numel() / c
+    var = invstd.pow(-2)  # the eval kernel takes a variance; eps=0 gives back exactly this invstd
+    ones = torch.ones_like(mean) if weight is None else weight
+    _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+        grad_out, x, ones, mean, var, None, None, False, 0.0, [False, True, True]
+    )  # grad_weight = Σ g·(x - mean)·invstd, grad_bias = Σ g
+    scale = invstd if weight is None else weight * invstd
+    slope = scale * invstd * grad_weight / count
+    offset = slope * mean - scale * grad_bias / count
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    grad_x = torch.addcmul(offset.reshape(shape), x, slope.neg().reshape(shape))
+    grad_x.addcmul_(grad_out, scale.reshape(shape))
+    return grad_x, grad_weight, grad_bias
 
 
 def _gram_form_is_cheaper(k: int, c: int, positions: int, input_grad: bool, weight_grad: bool) -> bool:

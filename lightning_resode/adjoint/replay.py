@@ -285,7 +285,7 @@ def _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd):  # noqa: ANN00
     mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
     grad_out = grad_out.contiguous(memory_format=_memory_format(x))
     if _lean_backward_applies(x) and grad_out.is_contiguous() and mask[0]:
-        grad_x, grad_w, grad_b = _lean_batch_norm_backward(grad_out, x, weight, mean, invstd)
+        grad_x, grad_w, grad_b = lean.batch_norm_backward(grad_out, x, weight, mean, invstd)
         return grad_x, grad_w if mask[1] else None, grad_b if mask[2] else None
     grad_x, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
         grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, mask
@@ -334,34 +334,6 @@ class _BatchStatisticsBatchNormOfConv(torch.autograd.Function):
 
 def _lean_backward_applies(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.is_contiguous() and x.dim() >= 2
-
-
-def _lean_batch_norm_backward(
-    grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, invstd: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Training-mode BatchNorm backward that allocates one tensor of the input's size (the gradient).
-
-    The CPU kernel allocates a second, temporary one; inside a block's VJP that temporary sits on top of
-    the step's peak. Here the per-channel sums come from the eval-mode kernel (one fused pass, no
-    gradient tensor), and the gradient is two fused multiply-adds into one buffer:
-
-        grad_x = w·invstd · (g - Σg/M - x̂ · Σ(g·x̂)/M),   x̂ = (x - mean)·invstd
-               = g·(w·invstd) + x·(-slope) + (slope·mean - w·invstd·Σg/M),   slope = w·invstd³·Σ(g·(x-mean))/M
-    """
-    c = x.shape[1]
-    count = x.numel() / c
-    var = invstd.pow(-2)  # the eval kernel takes a variance; eps=0 gives back exactly this invstd
-    ones = torch.ones_like(mean) if weight is None else weight
-    _, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-        grad_out, x, ones, mean, var, None, None, False, 0.0, [False, True, True]
-    )  # grad_weight = Σ g·(x - mean)·invstd, grad_bias = Σ g
-    scale = invstd if weight is None else weight * invstd
-    slope = scale * invstd * grad_weight / count
-    offset = slope * mean - scale * grad_bias / count
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    grad_x = torch.addcmul(offset.reshape(shape), x, slope.neg().reshape(shape))
-    grad_x.addcmul_(grad_out, scale.reshape(shape))
-    return grad_x, grad_weight, grad_bias
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
