@@ -31,7 +31,7 @@ from timm.models.resnet import Bottleneck
 from torch import nn
 
 from .adjoint import AdjointSequential
-from .adjoint.lean import register_private_conv_outputs
+from .adjoint.lean import register_private_conv_outputs, register_residual_entry
 from .adjoint.methods import METHODS, SCHEME_CHOICES, get_method
 from .policy import StagePolicy, check_policy_options
 
@@ -49,6 +49,8 @@ def _bottleneck_private_pairs(block: nn.Module) -> list[tuple[nn.Module, nn.Modu
 
 
 register_private_conv_outputs(Bottleneck, _bottleneck_private_pairs)
+# timm's ``Bottleneck`` without a downsampling shortcut: ``act3(bn3(…conv1(x)…) + x)``, x read by conv1 and the sum
+register_residual_entry(Bottleneck, lambda block: block.conv1 if block.downsample is None else None)
 
 _STEM_KEY = "_resode_stem"
 _POLICY_KEY = "_resode_policy"

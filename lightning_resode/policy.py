@@ -20,7 +20,10 @@ depends on the weights. So it is measured, on the model's own training batches:
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
    ``block`` (exact) always qualifies. With ``backprop_where_free``, then, from the output side down, a stage runs
    plain backprop where that does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
-   before the larger stages below start their backward): no recomputation there, for no memory.
+   before the larger stages below start their backward): no recomputation there, for no memory. Last, from the
+   output side down, a stage recomputes with autograd's own graph instead of the engine's leaner one
+   (``AdjointSequential.lean_graphs``) where the leaner one does not lower that measured peak (the same gradient,
+   less time: the leaner graphs save memory in high-resolution stages, and cost time wherever they run).
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -45,6 +48,7 @@ from torch import nn
 
 from .adjoint import MIN_VALUES_PER_CHANNEL, AdjointError, AdjointSequential, BackwardReport, ReconstructionError, measuring, min_values_per_channel, planned
 from .adjoint.methods import METHODS, get_method
+from .adjoint.stage import LEAN_PARTS
 from .fidelity import calibration_loss, compare, exact_gradients, exact_reference, gradients, no_fallback, side_effect_free, split_batch, unique_params
 
 log = logging.getLogger("lightning_resode.policy")
@@ -132,6 +136,8 @@ class PolicyDecision:
     reason: str
     #: the reconstruction error at calibration (None for stored-input methods)
     reconstruction_error: float | None = None
+    #: the stage's parts that recompute with the engine's leaner graphs (``AdjointSequential.lean_graphs``)
+    lean_graphs: tuple[str, ...] = LEAN_PARTS
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -162,8 +168,8 @@ class StagePolicy:
     backprop_where_free: bool = False
     decisions: list[PolicyDecision] = field(default_factory=list)
     step: int = 0
-    #: ``sync(methods or None) -> methods``: make every process use the leader's decisions (set under DDP)
-    sync: Callable[[dict[str, str] | None], dict[str, str]] | None = None
+    #: ``sync(settings or None) -> settings``: every process runs the leader's methods and graph forms (set under DDP)
+    sync: Callable[[dict[str, tuple[str, tuple[str, ...]]] | None], dict[str, tuple[str, tuple[str, ...]]]] | None = None
     #: this process measures (rank 0); the others only receive the decisions through ``sync``
     leader: bool = True
     #: the caller runs ``before_step`` itself with real targets (the Lightning module); the model's forward
@@ -182,6 +188,10 @@ class StagePolicy:
     _warned_unverified: bool = False
     #: the last ``_backprop_where_free`` measurement, by what it depended on
     _free_backprop: dict = field(default_factory=dict)
+    #: the last ``_plain_graphs_where_free`` measurement, by what it depended on
+    _free_plain_graphs: dict = field(default_factory=dict)
+    #: measure where the leaner graphs lower the peak, and run the others with autograd's own (``lean_graphs``)
+    plain_graphs_where_free: bool = True
     #: the last ``_candidates_by_peak`` measurement: (key, candidates in order, peaks)
     _candidate_order: tuple | None = None
     _handles: list = field(default_factory=list)
@@ -326,12 +336,14 @@ class StagePolicy:
 
     def _choose(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None) -> list[PolicyDecision]:
         if not self.leader:
-            methods = self.sync(None) if self.sync is not None else self.methods()
-            for name, method in methods.items():
-                self._apply(name, method)
+            settings = self.sync(None) if self.sync is not None else self._settings()
+            for name, (method, lean_parts) in settings.items():
+                self._apply(name, method, lean_graphs=lean_parts)
             return []
         params = unique_params(model)
         stages = self.stages
+        for stage in stages.values():
+            stage.lean_graphs = True  # candidates' peaks are measured with the leaner graphs (a recheck may find them off)
         new: list[PolicyDecision] = []
         # every probe runs a method as it is (no fallback), starting from the exact method everywhere
         chosen = {name: self.pinned.get(name, "block") for name in stages}
@@ -359,15 +371,23 @@ class StagePolicy:
                     chosen[decision.stage] = decision.method
                     decided[decision.stage] = decision
                     bounds.pop(decision.stage, None)
+        lean_parts = dict.fromkeys(stages, LEAN_PARTS)
+        if self.plain_graphs_where_free:
+            with side_effect_free(model):
+                for name, (parts, reason) in self._plain_graphs_where_free(model, images, chosen).items():
+                    lean_parts[name] = parts
+                    if name in decided:
+                        decided[name] = replace(decided[name], reason=f"{decided[name].reason}; {reason}", lean_graphs=parts)
         for name in decided:  # output side first, as decided (returned input side first)
             decision = decided[name]
-            if decision.method != stages[name].method or not any(d.stage == name for d in self.decisions):
+            changed = decision.method != stages[name].method or set(decision.lean_graphs) != stages[name].lean_graphs
+            if changed or not any(d.stage == name for d in self.decisions):
                 new.append(decision)
-        methods = dict(chosen)
+        settings = {name: (chosen[name], lean_parts[name]) for name in stages}
         if self.sync is not None:
-            methods = self.sync(methods)
-        for name, method in methods.items():
-            self._apply(name, method, bounds.get(name))
+            settings = self.sync(settings)
+        for name, (method, parts) in settings.items():
+            self._apply(name, method, bounds.get(name), lean_graphs=parts)
         for decision in new:
             log.info("stage %s: %s", decision.stage, decision.reason)
         return new[::-1]
@@ -513,6 +533,55 @@ class StagePolicy:
         self._free_backprop = {key: found}
         return found
 
+    def _plain_graphs_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> dict[str, tuple[tuple[str, ...], str]]:
+        """Per stage, the parts (exact head, steps) that keep the engine's leaner graphs, where the others may
+        recompute with autograd's own (the same gradient, faster) without raising the step's measured peak by
+        more than ``FREE_PEAK_TOLERANCE``; with the reason. The leaner graphs lower a backward's working set,
+        which sets the peak only at high resolution: each part is tried from the output side down, and where
+        it matters in one stage it is kept in the stages below it too (they work at higher resolution)."""
+        if images.device.type != "cuda" and torch.autograd.profiler._is_profiler_enabled:
+            log.info("a profiler is running: the CPU's step peak cannot be measured now, every stage keeps its leaner graphs")
+            return {}
+        if images.shape[0] < 4:
+            return {}  # a per-image peak needs two batch sizes of at least two images (BatchNorm)
+        key = (tuple(sorted(chosen.items())), tuple(images.shape), images.dtype, images.device)
+        if key in self._free_plain_graphs:
+            return dict(self._free_plain_graphs[key])
+        stages = self.stages
+        previous = {name: stage.lean_graphs for name, stage in stages.items()}
+        names = [n for n in reversed(list(stages)) if get_method(chosen[n]).gradient not in ("backprop", "checkpoint")]
+        plain: dict[str, set[str]] = {name: set() for name in names}
+        peaks: dict[str, float] = {}
+        try:
+            for stage in stages.values():
+                stage.lean_graphs = True
+            base = _step_peak(model, stages, chosen, images)
+            for part in ("steps", "head"):
+                for name in names:
+                    if part == "head" and stages[name].exact_head == 0:
+                        continue
+                    stages[name].lean_graphs = set(LEAN_PARTS) - plain[name] - {part}
+                    peak = _step_peak(model, stages, chosen, images)
+                    if peak > base * (1 + FREE_PEAK_TOLERANCE):
+                        stages[name].lean_graphs = set(LEAN_PARTS) - plain[name]
+                        break
+                    plain[name].add(part)
+                    peaks[name] = peak
+        finally:
+            for name, stage in stages.items():
+                stage.lean_graphs = previous[name]
+        found = {
+            name: (
+                tuple(p for p in LEAN_PARTS if p not in parts),
+                f"{' and '.join(p for p in ('head', 'steps') if p in parts)} recompute with autograd's own graph "
+                f"(faster; the leaner one does not lower the step's peak there: {peaks[name]:.2f} MiB per image "
+                f"without it, {base:.2f} with it)",
+            )
+            for name, parts in plain.items() if parts
+        }
+        self._free_plain_graphs = {key: dict(found)}
+        return found
+
     def _subsets(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor | None, params) -> list:  # noqa: ANN001
         """The two halves of the calibration batch and its first two pairs of images, with their exact gradients."""
         half = images.shape[0] // 2
@@ -522,9 +591,10 @@ class StagePolicy:
             probes.append((images[part], part_targets, exact_gradients(model, self.stages, images[part], part_targets, params)))
         return probes
 
-    def _apply(self, name: str, method: str, bound: float | None = None) -> None:
+    def _apply(self, name: str, method: str, bound: float | None = None, lean_graphs: Sequence[str] = LEAN_PARTS) -> None:
         stage = self.stages[name]
         stage.configure(method=method)
+        stage.lean_graphs = lean_graphs
         if bound is not None:
             stage.max_reconstruction_error = bound
         # a reconstruction is watched every step, a 16-bit block input checked for overflow: an exact
@@ -612,6 +682,7 @@ class StagePolicy:
         """Methods and decisions, so a resumed run continues with the same networks' gradients."""
         return {
             "methods": {name: stage.method for name, stage in self.stages.items()},
+            "lean_graphs": {name: sorted(stage.lean_graphs) for name, stage in self.stages.items()},
             "bounds": {name: stage.max_reconstruction_error for name, stage in self.stages.items()},
             "decisions": [d.as_dict() for d in self.decisions],
             "step": self.step,
@@ -621,10 +692,11 @@ class StagePolicy:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        lean_graphs = state.get("lean_graphs", {})
         for name, method in state.get("methods", {}).items():
             if name in self.stages:
                 if self.mode == "auto":
-                    self._apply(name, method)
+                    self._apply(name, method, lean_graphs=tuple(lean_graphs.get(name, LEAN_PARTS)))
         for name, bound in state.get("bounds", {}).items():
             if name in self.stages:
                 self.stages[name].max_reconstruction_error = float(bound)
@@ -638,6 +710,10 @@ class StagePolicy:
 
     def methods(self) -> dict[str, str]:
         return {name: stage.method for name, stage in self.stages.items()}
+
+    def _settings(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """What every process must run alike: each stage's method and the parts that recompute with leaner graphs."""
+        return {name: (stage.method, tuple(sorted(stage.lean_graphs))) for name, stage in self.stages.items()}
 
 
 def methods_table(decisions: Sequence[PolicyDecision]) -> str:

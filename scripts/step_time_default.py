@@ -52,7 +52,7 @@ def measure(model_name: str, batch: int, size: int, pairs: int, zero_init_last: 
         plain_times.append(a), converted_times.append(b), ratios.append(b / a)
     return {
         "model": model_name, "batch": batch, "size": size, "zero_init_last": zero_init_last, "pairs": pairs,
-        "methods": policy.methods() if policy is not None else {},
+        "methods": policy.methods() if policy is not None else {}, "plain_graphs": {n: sorted({"head", "steps"} - s.lean_graphs) for n, s in policy.stages.items() if s.lean_graphs != {"head", "steps"}} if policy is not None else {},
         "ratio_median": statistics.median(ratios), "ratios": ratios,
         "backprop_s_median": statistics.median(plain_times), "default_s_median": statistics.median(converted_times),
     }
@@ -71,7 +71,8 @@ def main() -> None:
         print(
             f"{row['model']} {row['batch']}x{row['size']}² zero_init_last={row['zero_init_last']}: "
             f"default/backprop = {row['ratio_median']:.3f} (median of {row['pairs']} pairs; backprop "
-            f"{row['backprop_s_median']:.2f} s, default {row['default_s_median']:.2f} s) methods {row['methods']}"
+            f"{row['backprop_s_median']:.2f} s, default {row['default_s_median']:.2f} s) methods {row['methods']}, "
+            f"autograd's own graphs in {row['plain_graphs'] or 'no stage'}"
         )
     if args.json:
         with open(args.json, "w") as f:

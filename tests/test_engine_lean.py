@@ -93,12 +93,37 @@ def test_the_masked_relu_passes_gradients_where_relu_does_including_non_finite_o
     included), and passes it where the output is NaN; a product with a mask would make NaNs of the first."""
     x = torch.tensor([-1.0, 0.0, 2.0, float("nan"), -0.0], requires_grad=True)
     grad = torch.tensor([float("inf"), float("nan"), 3.0, 4.0, float("inf")])
-    (masked,) = torch.autograd.grad(lean.ReluKeepingMask.apply(x * 1, False), x, grad)
+    (masked,) = torch.autograd.grad(lean.ReluKeepingMask.apply(x * 1, False, None), x, grad)
     (plain,) = torch.autograd.grad(torch.relu(x * 1), x, grad)
     assert torch.equal(masked.nan_to_num(7.0), plain.nan_to_num(7.0)), (masked, plain)
     y = x * 1
-    out = lean.ReluKeepingMask.apply(y, True)  # timm's in-place ReLU
+    out = lean.ReluKeepingMask.apply(y, True, None)  # timm's in-place ReLU
     assert out is y
+
+
+def test_the_masked_relu_writes_into_the_gradient_it_is_handed_only_where_that_is_the_engines_own() -> None:
+    """A step's VJP starts from a ``StepGradient``: the ReLU of the step's output writes its gradient into it
+    when it is private (one state-sized tensor less), and into a new tensor when it is the stage's incoming
+    gradient, which a user's hook may hold. Either way the values are ReLU's."""
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    (expected,) = torch.autograd.grad(torch.relu(x * 1), x, torch.full_like(x, 2.0))
+    for private in (True, False):
+        given = torch.full_like(x, 2.0)
+        holder = lean.StepGradient(given, private=private)
+
+        class Root(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, out):  # noqa: ANN001, ANN205
+                return out.sum()
+
+            @staticmethod
+            def backward(ctx, _unit):  # noqa: ANN001, ANN205
+                return holder.hand_over()
+
+        (grad,) = torch.autograd.grad(Root.apply(lean.ReluKeepingMask.apply(x * 1, True, holder)), x)
+        assert torch.equal(grad, expected)
+        # written into (private) or left as it was (the incoming gradient)
+        assert torch.equal(given, expected if private else torch.full_like(x, 2.0)), private
 
 
 # ------------------------------------------------------------------------------------ inside the engine
@@ -262,13 +287,17 @@ def test_a_heads_batchnorms_recompute_their_convolutions_output_and_keep_autogra
     assert relative_error(grads, expected) < 1e-5
 
 
-def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_resnet() -> None:
-    """Every form at once (exact ``block``, heads, steps), float64, against timm's network with plain autograd."""
-    from lightning_resode import to_adjoint
+@pytest.mark.parametrize("lean_graphs", [True, False, "head", "steps"])
+def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_resnet(lean_graphs) -> None:
+    """Every form at once (exact ``block``, heads, steps), float64, against timm's network with plain autograd; and
+    with the leaner graphs in one part only, or none (``lean_graphs``, which the auto policy sets per stage)."""
+    from lightning_resode import adjoint_stages, to_adjoint
 
     torch.manual_seed(0)
     model = timm.create_model("resnet50", pretrained=False, zero_init_last=False, channels=[16, 32, 64, 128]).double()
     converted = to_adjoint(copy.deepcopy(model), scheme="block", check=False)
+    for stage in adjoint_stages(converted).values():
+        stage.lean_graphs = lean_graphs
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     for m in (model, converted):
         m.train()
@@ -407,3 +436,36 @@ def test_hooks_that_read_a_batchnorms_input_get_plain_timms_gradients(hook) -> N
             handle.remove()
     expected = flat_grad(model.parameters())
     assert relative_error(flat_grad(converted.parameters()), expected) < 1e-10
+
+
+def test_a_tensor_hook_on_a_blocks_output_gets_plain_timms_gradient() -> None:
+    """A step's ReLU writes its gradient into the gradient it receives where only the engine holds that one; a
+    user's tensor hook on a block's output (registered from a forward hook) holds it too, and must see the value
+    autograd gives it, not the ReLU's (layer2[1] is the lowest of three steps: its gradient comes from the step
+    above). Also the stage's incoming gradient, which a hook on the stage output keeps."""
+    from lightning_resode import to_adjoint
+
+    torch.manual_seed(0)
+    # large residual branches: each block's ReLU zeroes other positions than the next one's
+    model = timm.create_model("resnet50", zero_init_last=False, channels=[16, 32, 64, 128], num_classes=5).double()
+    converted = to_adjoint(copy.deepcopy(model), scheme="block", check=False)
+    seen: dict[str, list[torch.Tensor]] = {"plain": [], "converted": []}
+    handles = []
+    for key, m in (("plain", model), ("converted", converted)):
+        def keep_output_grad(module, inputs, output, key=key):  # noqa: ANN001, ANN202
+            if output.requires_grad:  # inside a converted stage: in the step's recomputation, not in the forward
+                output.register_hook(lambda g: seen[key].append(g.clone() if key == "plain" else g))
+        handles.append(m.layer2[1].register_forward_hook(keep_output_grad))
+        handles.append(m.layer3.register_forward_hook(keep_output_grad))
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    try:
+        for m in (model, converted):
+            m.train()
+            m(x).square().mean().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert len(seen["plain"]) == len(seen["converted"]) == 2
+    for plain, ours in zip(seen["plain"], seen["converted"]):
+        assert relative_error(ours, plain) < 1e-6
+    assert relative_error(flat_grad(converted.parameters()), flat_grad(model.parameters())) < 1e-6

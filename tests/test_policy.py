@@ -275,3 +275,58 @@ def test_a_16_bit_overflow_in_one_stage_is_blamed_on_that_stage_only() -> None:
     blamed = [str(w.message) for w in caught if "failed on this batch" in str(w.message)]
     assert len(blamed) == 1 and blamed[0].startswith("stage layer2:"), blamed
     assert "stored-input method ('block')" in blamed[0]
+
+
+def test_auto_recomputes_with_autograds_own_graphs_where_the_leaner_ones_do_not_lower_the_peak() -> None:
+    """The engine's leaner graphs (``lean_graphs``) lower a recomputation's working set, and cost time wherever they
+    run; only at high resolution does that working set set the step's peak. Auto measures, per part (the exact
+    head, the steps) from the output side down, where they can go. Checked by measuring independently, both ways
+    (its choice keeps the peak of leaner graphs everywhere; one part more would raise it), and the gradient is the
+    one the leaner graphs give."""
+    import timm
+
+    from lightning_resode.measure import peak_per_image
+    from lightning_resode.policy import calibration_loss
+
+    torch.manual_seed(0)
+    base = timm.create_model("resnet50", pretrained=False, zero_init_last=False).train()
+    images, targets = torch.randn(8, 3, 64, 64), torch.randint(0, 1000, (8,))
+    model = to_adjoint(copy.deepcopy(base), calibration=(images, targets))
+    policy = policy_of(model)
+    policy.external = True  # the measurements below are not training steps
+    stages = adjoint_stages(model)
+    chosen = {name: stage.lean_graphs for name, stage in stages.items()}
+    names = list(stages)
+    plain_steps = [n for n in names if "steps" not in chosen[n]]
+    assert plain_steps and plain_steps == names[-len(plain_steps) :], chosen  # from the output side down
+    assert "steps" in chosen[names[0]], chosen  # layer1's 16² recomputation sets the peak: it keeps its leaner graph
+    for decision in policy.decisions:
+        assert set(decision.lean_graphs) == stages[decision.stage].lean_graphs
+        if decision.lean_graphs != ("head", "steps"):
+            assert "recompute with autograd's own graph" in decision.reason, decision.reason
+
+    def peak(lean: dict[str, object]) -> float:
+        for name, stage in stages.items():
+            stage.lean_graphs = lean[name]
+        try:
+            return peak_per_image(model, lambda b: images[:b], small=4, large=8, loss=calibration_loss).mib_per_image
+        finally:
+            for name, stage in stages.items():
+                stage.lean_graphs = chosen[name]
+
+    as_chosen, all_lean = peak(chosen), peak(dict.fromkeys(stages, True))
+    assert as_chosen <= all_lean * 1.02, (as_chosen, all_lean)
+    lowest = plain_steps[0]
+    next_down = names[names.index(lowest) - 1]
+    assert peak({**chosen, next_down: chosen[next_down] - {"steps"}}) > as_chosen * 1.01
+
+    as_chosen_grad = _grad(model, images, targets)
+    for stage in stages.values():
+        stage.lean_graphs = True
+    leaner_grad = _grad(model, images, targets)
+    for name, stage in stages.items():
+        stage.lean_graphs = chosen[name]
+    assert _cosine(as_chosen_grad, leaner_grad) > 0.99999  # the same gradient, up to float32 rounding
+    fresh = to_adjoint(copy.deepcopy(base))
+    policy_of(fresh).load_state_dict(policy.state_dict())
+    assert {n: s.lean_graphs for n, s in adjoint_stages(fresh).items()} == chosen

@@ -39,6 +39,7 @@ from torch import nn
 from torch.autograd.profiler import record_function
 
 from .errors import AdjointError, DoubleBackwardError, ReconstructionError
+from . import lean
 from .lean import CompactInput
 from .plan import StagePlan, resolve_plan
 from .report import BackwardReport
@@ -342,7 +343,11 @@ def _adjoint_step(tape: Tape, s: int, below: torch.Tensor | None) -> torch.Tenso
     x_s = _reconstruct(tape, s, anchor)
     del anchor
     want_x = _wants_input_grad(tape, s)
-    grad_x, cache = _step_vjp(tape, s, [x_s], want_x, want_cache=s > 0 and tape.scheme.uses_cache)
+    # The cache (block output at x_s, for the step below) is a state held through this VJP. Where the incoming
+    # gradient is the stage's own (the top step: not the engine's to overwrite, so the VJP holds one more state)
+    # and the stage recomputes with lean graphs (its memory matters), the step below evaluates its block instead.
+    want_cache = s > 0 and tape.scheme.uses_cache and (relay.grad_private or "steps" not in tape.replay.lean_parts)
+    grad_x, cache = _step_vjp(tape, s, [x_s], want_x, want_cache=want_cache)
     if tape.plan.check_finite:
         # A sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each.
         # Parameter gradients are products of these two and finite weights, so checking them adds nothing.
@@ -384,6 +389,8 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
     indices = tape.binding.params_of(blocks)
     leaves = tape.binding.leaves(indices)
     holder = relay.take_grad()
+    if holder.private and (lean.global_hooks() or any(lean.hooks_could_see(m) for b in blocks for m in tape.stage[b].modules())):
+        holder.private = False  # a hook in a block may keep a tensor hook on its output, whose gradient this is
     with torch.enable_grad(), record_function(f"resode::step{s}"), tape.recomputing(blocks, leaves):
         x_s = box.pop().detach()
         compact = None
@@ -395,7 +402,12 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
             x_leaf = x_s if x_s.dtype == tape.state_dtype else x_s.to(tape.state_dtype)
         del x_s
         x_leaf.requires_grad_(want_x)
-        with tape.replay.compact_input(compact), tape.replay.private_outputs([tape.stage[b] for b in blocks]):
+        single_block = tape.stage[blocks[0]] if len(blocks) == 1 and _single_evaluation(tape.scheme) else None
+        with (
+            tape.replay.compact_input(compact),
+            tape.replay.private_outputs([tape.stage[b] for b in blocks]),
+            tape.replay.step_gradient(holder, x_leaf, single_block),
+        ):
             out, cache = tape.scheme.step(s, x_leaf, tape.evaluator("substitute"))
         cache = (cache.detach() if isinstance(cache, torch.Tensor) else cache) if want_cache else None
         root = _GradientFromHolder.apply(holder, out)
@@ -412,6 +424,8 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
     if want_x:
         grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
         grads = grads[1:]
+        # the engine's own, unless the VJP handed back, unchanged, the very gradient it was given (the stage's)
+        relay.grad_private = holder.private or not holder.handed_back_unchanged(grad_x)
     relay.accumulate(indices, grads)
     return grad_x, cache
 
@@ -464,7 +478,7 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         return (grad if needs_input_grad else None), relay.param_grads
     indices = tape.binding.params_of(tape.head_blocks())
     with torch.enable_grad(), record_function("resode::head"):
-        root = _GradientFromHolder.apply([grad], x0)
+        root = _GradientFromHolder.apply(lean.StepGradient(grad, private=False), x0)
         del grad, x0
         wanted = [x_leaf, *(xs for xs, _ in shortcuts)] if needs_input_grad else []
         grads = torch.autograd.grad(root, wanted + [leaves[i] for i in indices], allow_unused=True) if wanted or indices else ()
@@ -659,22 +673,22 @@ def _parameter_names(tape: Tape, indices: list[int], most: int = 3) -> str:
 
 
 class _GradientFromHolder(torch.autograd.Function):
-    """A scalar root for a VJP whose backward takes the real output gradient out of a list.
+    """A scalar root for a VJP whose backward takes the real output gradient out of a ``StepGradient``.
 
     ``torch.autograd.grad(out, inputs, grad)`` keeps ``out`` and ``grad`` alive until it returns (the call
     holds them), although autograd needs ``grad`` only for the first op of the VJP and ``out`` only as what
-    that op saved. Starting from this root instead, the list holds the only reference to the gradient and
+    that op saved. Starting from this root instead, the holder has the only reference to the gradient and
     the caller drops ``out``: both are freed as soon as the VJP's first op has used them.
     """
 
     @staticmethod
-    def forward(ctx: Any, holder: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, holder: lean.StepGradient, out: torch.Tensor) -> torch.Tensor:
         ctx.holder = holder
         return out.new_zeros(())
 
     @staticmethod
-    def backward(ctx: Any, _unit: torch.Tensor) -> tuple[None, torch.Tensor]:
-        return None, ctx.holder.pop()
+    def backward(ctx: Any, _unit: torch.Tensor) -> tuple[None, torch.Tensor | None]:
+        return None, ctx.holder.hand_over()
 
 
 def _placeholder_like(t: torch.Tensor) -> torch.Tensor:

@@ -41,32 +41,68 @@ def relu_is_in_place(func: Any, args: tuple, kwargs: dict) -> bool:
     return func in IN_PLACE_RELUS or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
 
 
+class StepGradient:
+    """The output gradient of one step's VJP, which the VJP's root hands to autograd (and then holds no more).
+
+    ``private``: nothing outside the engine can hold this tensor (it is the gradient the step above computed,
+    not the stage's incoming one, which a user's hook may keep), so the op that receives it first may write its
+    own gradient into it (``ReluKeepingMask``) instead of allocating a state-sized tensor beside it.
+    """
+
+    def __init__(self, grad: torch.Tensor | None, private: bool) -> None:
+        self._grad, self.private = grad, private
+        self._handed: weakref.ref[torch.Tensor] | None = None
+        self._version = -1
+
+    def hand_over(self) -> torch.Tensor | None:
+        grad, self._grad = self._grad, None
+        if grad is not None:
+            self._handed, self._version = weakref.ref(grad), grad._version
+        return grad
+
+    def handed_back(self, t: torch.Tensor | None) -> bool:
+        """Whether ``t`` is the very tensor handed over (a VJP that passed its gradient through)."""
+        return t is not None and self._handed is not None and self._handed() is t
+
+    def handed_back_unchanged(self, t: torch.Tensor | None) -> bool:
+        """Whether ``t`` is the tensor handed over, unchanged: autograd adds into a gradient in place only where
+        it holds the only reference, so a changed one is autograd's own from then on."""
+        return self.handed_back(t) and t._version == self._version
+
+    def may_overwrite(self, t: torch.Tensor) -> bool:
+        return self.private and self.handed_back(t)
+
+
 class ReluKeepingMask(torch.autograd.Function):
     """ReLU whose backward reads a 1-byte mask of its nonzero outputs instead of the outputs.
 
     ReLU's own backward passes the gradient where its output is not ``<= 0`` (a NaN output passes it too); the
     mask is ``output != 0`` as bytes, which ``threshold_backward`` reads the same way. Both kernels are the fast
     ones: comparisons into ``bool`` and ``where`` over a ``bool`` mask run several times slower on the CPU.
+    Where its output is the step's output and the gradient it receives is a ``StepGradient`` that it may
+    overwrite, the backward writes into that gradient (one state-sized tensor less in the VJP's working set).
     """
 
     @staticmethod
-    def forward(ctx, x, inplace):  # noqa: ANN001, ANN205
+    def forward(ctx, x, inplace, gradient):  # noqa: ANN001, ANN205
         if inplace:
             ctx.mark_dirty(x)
             out = x.relu_()
         else:
             out = torch.relu(x)
         ctx.save_for_backward(out.bool().view(torch.uint8))
+        ctx.gradient = gradient
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         (mask,) = ctx.saved_tensors
-        grad_x = torch.empty_like(grad_out)
+        overwrite = ctx.gradient is not None and ctx.gradient.may_overwrite(grad_out) and grad_out.is_contiguous()
+        grad_x = grad_out if overwrite else torch.empty_like(grad_out)
         # a few images at a time: the kernel converts the byte mask to the gradient's dtype in a temporary
         for rows in _batch_chunks(len(grad_out)):
             torch.ops.aten.threshold_backward.grad_input(grad_out[rows], mask[rows], 0, grad_input=grad_x[rows])
-        return grad_x, None
+        return grad_x, None, None
 
 
 def _batch_chunks(n: int, parts: int = 8) -> list[slice]:
@@ -108,8 +144,9 @@ def _pointwise_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 _FEW_POSITIONS = 64
 
 
-def _per_image_product(matrix: torch.Tensor, batch: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``matrix @ batch[i]`` for each image i of an (n, q, m) batch: (n, p, m), into ``out`` when given.
+def _per_image_product(matrix: torch.Tensor, batch: torch.Tensor, out: torch.Tensor | None = None, add: bool = False) -> torch.Tensor:
+    """``matrix @ batch[i]`` for each image i of an (n, q, m) batch: (n, p, m), into ``out`` when given (added to
+    what ``out`` holds with ``add``).
 
     A batched product with the matrix broadcast over the images runs one thin product per image; with few positions
     per image (m ≤ 64: resnet50's layer3–4 at 128², layer4 at 224²) those are slow on CPU (2× at layer4), and one
@@ -118,8 +155,12 @@ def _per_image_product(matrix: torch.Tensor, batch: torch.Tensor, out: torch.Ten
     if out is None:
         out = batch.new_empty((n, matrix.shape[0], m))
     if batch.is_cuda or m > _FEW_POSITIONS:
+        if add:
+            return out.baddbmm_(matrix.expand(n, -1, -1), batch)
         return torch.bmm(matrix.expand(n, -1, -1), batch, out=out)
     product = matrix @ batch.transpose(0, 1).reshape(q, n * m)
+    if add:
+        return out.add_(product.view(-1, n, m).transpose(0, 1))
     return out.copy_(product.view(-1, n, m).transpose(0, 1))
 
 
@@ -142,13 +183,14 @@ class PointwiseConv(torch.autograd.Function):
 
     ``compact``, when given, is a lower-precision tensor that converts exactly to ``x``: it is saved instead of
     ``x`` and converted back a few images at a time for the weight gradient; the forward reads it too, so ``x``
-    itself need not hold its values (see ``CompactInput``).
+    itself need not hold its values (see ``CompactInput``). ``residual``, when given, may hold the residual
+    sum's gradient for ``x`` at backward time: the input gradient is then added into it (``ResidualGradient``).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, compact):  # noqa: ANN001, ANN205
+    def forward(ctx, x, weight, bias, compact, residual=None):  # noqa: ANN001, ANN205
         ctx.save_for_backward(x if compact is None else compact, weight)
-        ctx.has_bias, ctx.dtype = bias is not None, x.dtype
+        ctx.has_bias, ctx.dtype, ctx.residual = bias is not None, x.dtype, residual
         if compact is None:
             return _pointwise_product(x, weight, bias)
         # a few images at a time: the upcast copy of the 16-bit input is an eighth of it (oneDNN's convolution
@@ -167,7 +209,11 @@ class PointwiseConv(torch.autograd.Function):
         grad_out = grad_out.contiguous().view(n, out_channels, h * w)
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _per_image_product(weight.view(out_channels, c).t(), grad_out).view(n, c, h, w)
+            residual = ctx.residual.take() if ctx.residual is not None else None
+            if residual is not None:  # the residual sum's gradient, the engine's own: this one is added into it
+                grad_x = _per_image_product(weight.view(out_channels, c).t(), grad_out, out=residual.view(n, c, h * w), add=True).view(n, c, h, w)
+            else:
+                grad_x = _per_image_product(weight.view(out_channels, c).t(), grad_out).view(n, c, h, w)
         if ctx.needs_input_grad[1]:
             if saved.dtype == ctx.dtype:
                 grad_weight = _sum_of_products(grad_out, saved.view(n, c, h * w))
@@ -179,19 +225,52 @@ class PointwiseConv(torch.autograd.Function):
             grad_weight = grad_weight.view_as(weight)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2))
-        return grad_x, grad_weight, grad_bias, None
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+class ResidualGradient:
+    """Where a step's residual sum ``y + x`` hands its gradient for x to the 1×1 convolution that reads x first
+    (``PointwiseConv``), which adds its own gradient for x into it: autograd would add the two into a third
+    state-sized tensor, the largest of a bottleneck's VJP once it is done with the block output's gradient.
+
+    Only for a block whose adapter declares that convolution (``register_residual_entry``: it and the sum are
+    the only readers of x, and the sum's gradient for the branch is read before the convolution's backward runs),
+    where no hook could hold that gradient, and only if the gradient is the engine's own (``StepGradient``).
+    """
+
+    def __init__(self, leaf: torch.Tensor, entry_weight: torch.Tensor, gradient: StepGradient | None) -> None:
+        self.leaf, self.entry_weight, self.gradient = leaf, entry_weight, gradient
+        self.taken_by_conv = False
+        self._grad: torch.Tensor | None = None
+
+    def hand(self, grad: torch.Tensor) -> bool:
+        """Keep the sum's gradient for the convolution, if it may be written into; else the sum returns it."""
+        if not self.taken_by_conv or not grad.is_contiguous():
+            return False
+        if self.gradient is None or (self.gradient.handed_back(grad) and not self.gradient.private):
+            return False  # the stage's incoming gradient (no ReLU after the sum made a new one): not ours
+        self._grad = grad
+        return True
+
+    def take(self) -> torch.Tensor | None:
+        grad, self._grad = self._grad, None
+        return grad
 
 
 class ResidualAdd(torch.autograd.Function):
-    """``y + x`` (in place into ``y`` when asked) where x's values are read from ``compact`` (see ``CompactInput``)."""
+    """``y + x`` (in place into ``y`` when asked); x's values read from ``compact`` where given (``CompactInput``),
+    and x's gradient handed to the convolution that reads x first where ``residual`` allows it."""
 
     @staticmethod
-    def forward(ctx, y, x, compact, inplace):  # noqa: ANN001, ANN205
+    def forward(ctx, y, x, compact, inplace, residual=None):  # noqa: ANN001, ANN205
         if inplace:
             ctx.mark_dirty(y)
             out = y
         else:
             out = y.clone()
+        ctx.residual = residual
+        if compact is None:
+            return out.add_(x)
         # a few images at a time: a mixed-precision add would upcast all of ``compact`` into a temporary first
         for rows in _batch_chunks(len(out)):
             out[rows] += compact[rows]
@@ -199,7 +278,9 @@ class ResidualAdd(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        return grad_out, grad_out, None, None
+        if ctx.residual is not None and ctx.needs_input_grad[1] and ctx.residual.hand(grad_out):
+            return grad_out, None, None, None, None
+        return grad_out, grad_out, None, None, None
 
 
 class CompactInput:
@@ -432,6 +513,7 @@ def _gram_form_is_cheaper(k: int, c: int, positions: int, input_grad: bool, weig
 
 
 _PRIVATE_PAIRS_OF: dict[type, Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]] = {}
+_RESIDUAL_ENTRY_OF: dict[type, Callable[[nn.Module], nn.Module | None]] = {}
 
 
 def register_private_conv_outputs(
@@ -444,21 +526,43 @@ def register_private_conv_outputs(
     _PRIVATE_PAIRS_OF[block_type] = pairs_of
 
 
+def register_residual_entry(block_type: type, entry_of: Callable[[nn.Module], nn.Module | None]) -> None:
+    """Declare that a block of ``block_type`` computes ``act(branch(x) + x)`` where ``entry_of(block)`` (a 1×1
+    convolution, or None for blocks where this does not hold, e.g. with a downsampling shortcut) is the first op
+    of ``branch`` and the only reader of x besides the sum: the convolution may then take the sum's gradient for
+    x and add its own into it (``ResidualGradient``)."""
+    _RESIDUAL_ENTRY_OF[block_type] = entry_of
+
+
+def residual_entry(block: nn.Module) -> nn.Module | None:
+    """The convolution registered as a block's residual entry, where no hook in the block could see its input."""
+    entry_of = _RESIDUAL_ENTRY_OF.get(type(block))
+    if entry_of is None or global_hooks() or any(hooks_could_see(m) for m in block.modules()):
+        return None
+    conv = entry_of(block)
+    return conv if type(conv) is nn.Conv2d else None
+
+
 def private_conv_outputs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """(convolution, BatchNorm) pairs of a block whose code reads the convolution's output only as the
     BatchNorm's input (registered per block type by ``register_private_conv_outputs``). Only where no hook
     could see that output (a forward hook on the convolution, a pre-hook on the BatchNorm, a global one):
     then the BatchNorm may overwrite it."""
     pairs_of = _PRIVATE_PAIRS_OF.get(type(block))
-    if pairs_of is None or _global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks:
+    if pairs_of is None or global_hooks():
         return []
     return [
         (conv, bn) for conv, bn in pairs_of(block)
-        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not _hooks_could_see(conv) and not _hooks_could_see(bn)
+        if type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and not hooks_could_see(conv) and not hooks_could_see(bn)
     ]
 
 
-def _hooks_could_see(module: nn.Module) -> bool:
+def global_hooks() -> bool:
+    """Whether a module hook registered for every module exists (it is handed every block's inputs and outputs)."""
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks)
+
+
+def hooks_could_see(module: nn.Module) -> bool:
     """Whether any hook of ``module`` is handed its input or output: a forward hook receives the input as well as
     the output, so a BatchNorm's forward hook sees the convolution's output that an in-place BatchNorm overwrites."""
     return bool(

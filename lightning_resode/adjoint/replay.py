@@ -64,6 +64,12 @@ class BatchNormReplay(TorchFunctionMode):
         self._lean_head = False
         self._compact: lean.CompactInput | None = None
         self._private_outputs: list[tuple[nn.Module, nn.Module]] = []
+        self._step_gradient: lean.StepGradient | None = None
+        self._residual: lean.ResidualGradient | None = None
+        #: the stage's ``lean_graphs`` parts ("head", "steps"): the others keep autograd's own convolution and
+        #: BatchNorm nodes in recomputations (faster; only the forms reading a 16-bit stored input and the ReLU's
+        #: mask stay)
+        self.lean_parts: frozenset[str] = frozenset(("head", "steps"))
 
     @contextlib.contextmanager
     def evaluation(self, mode: str, key: EvalKey | None = None) -> Iterator[None]:
@@ -116,6 +122,21 @@ class BatchNormReplay(TorchFunctionMode):
         finally:
             self._private_outputs = previous
 
+    @contextlib.contextmanager
+    def step_gradient(self, gradient: lean.StepGradient | None, leaf: torch.Tensor | None = None, block: nn.Module | None = None) -> Iterator[None]:
+        """While recomputing a step whose VJP starts from ``gradient``: a ReLU of the step's output may write its
+        gradient into that one (``lean.ReluKeepingMask``), where ``gradient.private`` says no one else holds it;
+        and where the step is one ``block`` at ``leaf`` with a registered residual entry, the residual sum hands
+        its gradient for the leaf to that convolution (``lean.ResidualGradient``)."""
+        entry = lean.residual_entry(block) if block is not None and leaf is not None and "steps" in self.lean_parts else None
+        residual = lean.ResidualGradient(leaf, entry.weight, gradient) if entry is not None else None
+        previous = self._step_gradient, self._residual
+        self._step_gradient, self._residual = gradient, residual
+        try:
+            yield
+        finally:
+            self._step_gradient, self._residual = previous
+
     def _next_record(self) -> tuple[torch.Tensor, torch.Tensor]:
         recorded = self.records.get(self._key, [])
         if self._cursor >= len(recorded):
@@ -150,7 +171,7 @@ class BatchNormReplay(TorchFunctionMode):
             if source is not None and source.produced(x):
                 if lean.expanding_pointwise(source, x) and torch.is_grad_enabled():
                     with torch.no_grad():
-                        var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+                        mean, var = _batch_statistics(x)
                     return self._batch_norm_of_expansion(source, x, a, mean, var)
                 return _BatchStatisticsBatchNormOfConv.apply(x, a["weight"], a["bias"], a["eps"], source, *source.tensors)
             if _lean_backward_applies(x):
@@ -178,27 +199,41 @@ class BatchNormReplay(TorchFunctionMode):
     def _lean_call(self, func, args: tuple, kwargs: dict) -> Any:  # noqa: ANN001
         """A call of a step's (``substitute``) or a head's (``exact`` under ``lean_head``) graph, in ``lean`` form."""
         compact = self._compact
+        lean_graphs = ("steps" if self._mode == "substitute" else "head") in self.lean_parts
         pointwise = lean.pointwise_conv_arguments(args, kwargs) if func is F.conv2d else None
+        residual = self._residual if self._mode == "substitute" else None
         if compact is not None and not compact.materialized and func not in _METADATA and compact.read_by(args, kwargs):
-            sum_of_leaf = _residual_sum_with(compact, func, args, kwargs)
+            sum_of_leaf = _residual_sum_with(compact.leaf, compact.compact, residual, func, args, kwargs)
             if sum_of_leaf is not None:
                 self._last_sum = weakref.ref(sum_of_leaf)
                 return sum_of_leaf
             if pointwise is None or pointwise[0] is not compact.leaf:
                 compact.materialize()
+        elif residual is not None and residual.taken_by_conv and func in lean.SUMS:
+            sum_of_leaf = _residual_sum_with(residual.leaf, None, residual, func, args, kwargs)
+            if sum_of_leaf is not None:
+                self._last_sum = weakref.ref(sum_of_leaf)
+                return sum_of_leaf
         if func is F.conv2d:
-            if pointwise is None:
+            reads_compact = pointwise is not None and compact is not None and not compact.materialized and pointwise[0] is compact.leaf
+            if pointwise is None or not (lean_graphs or reads_compact):
                 out = func(*args, **kwargs)
             else:
-                reads_compact = compact is not None and not compact.materialized and pointwise[0] is compact.leaf
-                out = lean.PointwiseConv.apply(*pointwise, compact.compact if reads_compact else None)
-            self._last_conv = lean.ConvSource.of(args, kwargs, out)
+                takes_residual = (
+                    residual is not None and not residual.taken_by_conv and pointwise[0] is residual.leaf
+                    and pointwise[1] is residual.entry_weight
+                )
+                if takes_residual:
+                    residual.taken_by_conv = True
+                out = lean.PointwiseConv.apply(*pointwise, compact.compact if reads_compact else None, residual if takes_residual else None)
+            if lean_graphs:
+                self._last_conv = lean.ConvSource.of(args, kwargs, out)
             return out
         if self._mode == "substitute" and func in lean.RELUS and args and self._last_sum is not None and args[0] is self._last_sum():
             # in a head the output is the VJP's root, alive until the graph is built anyway: the mask would add
             x = args[0]
             if x.requires_grad and x.is_floating_point() and torch.is_grad_enabled():
-                return lean.ReluKeepingMask.apply(x, lean.relu_is_in_place(func, args, kwargs))
+                return lean.ReluKeepingMask.apply(x, lean.relu_is_in_place(func, args, kwargs), self._step_gradient)
         out = func(*args, **kwargs)
         if func in lean.SUMS and isinstance(out, torch.Tensor):
             self._last_sum = weakref.ref(out)
@@ -216,18 +251,31 @@ _METADATA = frozenset({
 _IN_PLACE_SUMS = frozenset({torch.Tensor.add_, torch.Tensor.__iadd__})
 
 
-def _residual_sum_with(compact: lean.CompactInput, func: Any, args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """``y + leaf`` (or ``y += leaf``) of the compact leaf and another tensor of its shape, else None."""
+def _residual_sum_with(
+    leaf: torch.Tensor, compact: torch.Tensor | None, residual: lean.ResidualGradient | None, func: Any, args: tuple, kwargs: dict
+) -> torch.Tensor | None:
+    """``y + leaf`` (or ``y += leaf``) of a step's leaf (its values in ``compact`` where given) and another tensor of
+    its shape, as ``lean.ResidualAdd``, else None."""
     if func not in lean.SUMS or kwargs or len(args) != 2:
         return None
     first, second = args
-    if first is compact.leaf and func not in _IN_PLACE_SUMS:
+    if first is leaf and func not in _IN_PLACE_SUMS:
         first, second = second, first
-    if second is not compact.leaf or not isinstance(first, torch.Tensor) or first is compact.leaf:
+    if second is not leaf or not isinstance(first, torch.Tensor) or first is leaf:
         return None
-    if first.shape != compact.leaf.shape or first.dtype != compact.leaf.dtype:
+    if first.shape != leaf.shape or first.dtype != leaf.dtype:
         return None
-    return lean.ResidualAdd.apply(first, compact.leaf, compact.compact, func in _IN_PLACE_SUMS)
+    handing = residual if residual is not None and residual.taken_by_conv and residual.leaf is leaf else None
+    return lean.ResidualAdd.apply(first, leaf, compact, func in _IN_PLACE_SUMS, handing)
+
+
+def _batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of x, as training-mode BatchNorm computes them. On the CPU
+    BatchNorm's own statistics kernel: ``torch.var_mean`` over (N, H, W) took 3× its time there."""
+    if x.device.type == "cpu":
+        return torch.ops.aten.batch_norm_update_stats(x, None, None, 0.0)
+    var, mean = torch.var_mean(x, dim=[0, *range(2, x.dim())], correction=0)
+    return mean, var
 
 
 def _batch_norm_keeping_statistics(func, a: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

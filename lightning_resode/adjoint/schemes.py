@@ -72,7 +72,9 @@ class EulerFast(Euler):
 
     The residual of block s+1 stands in for block s's: when weights are smooth in depth they differ by
     O(1/N), so the gradient error stays O(1/N) like Euler's, while the backward needs one block forward per
-    block (plus one for the top block): the cost of checkpointing with the memory of the adjoint.
+    block (plus one for the top block): the cost of checkpointing with the memory of the adjoint. Where the
+    stage recomputes its steps with lean graphs (``AdjointSequential.lean_graphs``), the top step keeps no cache
+    (its VJP then holds one state less) and the step below evaluates its own block: one forward more per stage.
     """
 
     name = "euler_fast"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .lean import StepGradient
 from .replay import AutocastState, BatchNormReplay, RngSnapshot, batch_counters_preserved
 
 if TYPE_CHECKING:
@@ -126,6 +127,8 @@ class BackwardRelay:
 
     #: ∂L/∂(state) at the boundary between the node that ran last and the next one
     grad: torch.Tensor | None = None
+    #: whether ``grad`` is the engine's own (a step's input gradient), not the stage's incoming one (``StepGradient``)
+    grad_private: bool = False
     #: reconstruction methods: x̂ at that boundary
     state: torch.Tensor | None = None
     #: the kept input of the next step down (a stored block input, or an anchor), unpacked by the node above it
@@ -148,10 +151,10 @@ class BackwardRelay:
     output_finite: torch.Tensor | None = None
     block_forwards: int = 0
 
-    def take_grad(self) -> list[torch.Tensor | None]:
-        """The gradient in a one-element list (the VJP root pops it), no longer held here."""
-        holder = [self.grad]
-        self.grad = None
+    def take_grad(self) -> StepGradient:
+        """The gradient, for the VJP root to hand to autograd; no longer held here."""
+        holder = StepGradient(self.grad, self.grad_private)
+        self.grad, self.grad_private = None, False
         return holder
 
     def accumulate(self, indices: list[int], grads: tuple[torch.Tensor | None, ...]) -> None:
@@ -178,6 +181,7 @@ class Tape:
         #: dtype of the states the residual blocks saw in the forward (recomputation feeds them the same dtype)
         self.state_dtype = x.dtype
         self.replay = BatchNormReplay()
+        self.replay.lean_parts = stage.lean_graphs
         self.rng: dict[Any, RngSnapshot] = {}
         #: whether the input of the residual part needs a gradient (the stage input or head parameters do)
         self.chain_input_needs_grad = True

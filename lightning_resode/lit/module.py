@@ -332,8 +332,8 @@ class ResodeClassifier(pl.LightningModule):
             self.policy.leader = self.trainer.is_global_zero
             self.policy.sync = self._broadcast_methods
 
-    def _broadcast_methods(self, methods: dict[str, str] | None) -> dict[str, str]:
-        return self.trainer.strategy.broadcast(methods, src=0)
+    def _broadcast_methods(self, settings: dict[str, tuple[str, tuple[str, ...]]] | None) -> dict[str, tuple[str, tuple[str, ...]]]:
+        return self.trainer.strategy.broadcast(settings, src=0)
 
     def _calibrate_if_due(self, images: torch.Tensor, targets: torch.Tensor) -> None:
         """The stage policy measures on this batch (first step, every ``recheck_every``), before the forward."""
