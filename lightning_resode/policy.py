@@ -22,8 +22,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    plain backprop where that does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
    before the larger stages below start their backward): no recomputation there, for no memory. Last, from the
    output side down, a stage recomputes with autograd's own graph instead of the engine's leaner one
-   (``AdjointSequential.lean_graphs``) where the leaner one does not lower that measured peak (the same gradient,
-   less time: the leaner graphs save memory in high-resolution stages, and cost time wherever they run).
+   (``AdjointSequential.lean_graphs``) where the leaner one lowers that measured peak by 3 % or less (the same
+   gradient, less time: the leaner graphs save memory in high-resolution stages, and cost time wherever they run).
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -68,6 +68,11 @@ SAFETY_MARGIN = 0.25
 #: varies little from batch to batch once BatchNorm sees enough values per channel (the engine stores the
 #: input exactly where it does not), unlike a reconstruction's, which depends on the batch's statistics
 ROUNDING_MARGIN = 0.5
+#: the engine's leaner recomputation graphs are kept only where each lowers the step's measured peak by more than
+#: this fraction: below it, the time they cost (on the CPU up to a quarter of backprop's step) buys too little
+LEAN_PEAK_TOLERANCE = 0.03
+#: how a policy decision names the parts of ``LEAN_PARTS`` it recomputes with autograd's own graphs
+_PART_NAMES = {"head": "the head", "head_recompute": "the head's k×k convolutions (outputs kept, not recomputed)", "steps": "the steps"}
 #: ``backprop_where_free``: a stage runs plain backprop where that raises the step's measured peak by at most this
 #: fraction (allocator rounding and the loss's own buffers move a peak by well under 1 %)
 FREE_PEAK_TOLERANCE = 0.01
@@ -534,11 +539,12 @@ class StagePolicy:
         return found
 
     def _plain_graphs_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> dict[str, tuple[tuple[str, ...], str]]:
-        """Per stage, the parts (exact head, steps) that keep the engine's leaner graphs, where the others may
+        """Per stage, the parts (``LEAN_PARTS``) that keep the engine's leaner graphs, where the others may
         recompute with autograd's own (the same gradient, faster) without raising the step's measured peak by
-        more than ``FREE_PEAK_TOLERANCE``; with the reason. The leaner graphs lower a backward's working set,
-        which sets the peak only at high resolution: each part is tried from the output side down, and where
-        it matters in one stage it is kept in the stages below it too (they work at higher resolution)."""
+        more than ``LEAN_PEAK_TOLERANCE``; with the reason. The leaner graphs lower a backward's working set,
+        which sets the peak only at high resolution: each part is tried from the output side down, and where it
+        matters in one stage it is kept in the stages below it too (they work at higher resolution). Parts from
+        the cheapest memory saving per time spent: the steps', a head's k×k recomputation, then the whole head."""
         if images.device.type != "cuda" and torch.autograd.profiler._is_profiler_enabled:
             log.info("a profiler is running: the CPU's step peak cannot be measured now, every stage keeps its leaner graphs")
             return {}
@@ -556,16 +562,19 @@ class StagePolicy:
             for stage in stages.values():
                 stage.lean_graphs = True
             base = _step_peak(model, stages, chosen, images)
-            for part in ("steps", "head"):
+            for part in ("steps", "head_recompute", "head"):
                 for name in names:
-                    if part == "head" and stages[name].exact_head == 0:
+                    stage = stages[name]
+                    if part != "steps" and stage.exact_head == 0:
                         continue
-                    stages[name].lean_graphs = set(LEAN_PARTS) - plain[name] - {part}
+                    # without the head's lean forms its recomputation has none to skip either
+                    trial = {part, "head_recompute"} if part == "head" else {part}
+                    stage.lean_graphs = set(LEAN_PARTS) - plain[name] - trial
                     peak = _step_peak(model, stages, chosen, images)
-                    if peak > base * (1 + FREE_PEAK_TOLERANCE):
-                        stages[name].lean_graphs = set(LEAN_PARTS) - plain[name]
+                    if peak > base * (1 + LEAN_PEAK_TOLERANCE):
+                        stage.lean_graphs = set(LEAN_PARTS) - plain[name]
                         break
-                    plain[name].add(part)
+                    plain[name] |= trial
                     peaks[name] = peak
         finally:
             for name, stage in stages.items():
@@ -573,9 +582,9 @@ class StagePolicy:
         found = {
             name: (
                 tuple(p for p in LEAN_PARTS if p not in parts),
-                f"{' and '.join(p for p in ('head', 'steps') if p in parts)} recompute with autograd's own graph "
-                f"(faster; the leaner one does not lower the step's peak there: {peaks[name]:.2f} MiB per image "
-                f"without it, {base:.2f} with it)",
+                f"autograd's own graph for {' and '.join(_PART_NAMES[p] for p in LEAN_PARTS if p in parts and not (p == 'head_recompute' and 'head' in parts))} "
+                f"(faster; the leaner one lowers the step's peak by {LEAN_PEAK_TOLERANCE:.0%} or less there: "
+                f"{peaks[name]:.2f} MiB per image without it, {base:.2f} with it)",
             )
             for name, parts in plain.items() if parts
         }

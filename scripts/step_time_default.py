@@ -2,6 +2,7 @@
 """Step time of the default (``scheme="auto"``) converted resnet50 as a ratio to plain backprop.
 
     python scripts/step_time_default.py                       # resnet50, 8 x 128², 9 pairs, both inits
+    python scripts/step_time_default.py --model resnet200 --pairs 5
     python scripts/step_time_default.py --pairs 15 --json out.json
 
 The ratio is what to compare between two versions of the engine (run this script with each on the same
@@ -43,16 +44,20 @@ def measure(model_name: str, batch: int, size: int, pairs: int, zero_init_last: 
     if policy is not None:
         policy.calibrate(converted, (images, targets))
         policy.external = True  # decisions fixed: time the steady state
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.set_grad_checkpointing(True)  # timm's own: what a user would use instead, timed in the same run
     for _ in range(2):
-        _step(plain, images, targets), _step(converted, images, targets)
-    ratios, plain_times, converted_times = [], [], []
+        _step(plain, images, targets), _step(converted, images, targets), _step(checkpointed, images, targets)
+    ratios, checkpoint_ratios, plain_times, converted_times = [], [], [], []
     for _ in range(pairs):
         a = _step(plain, images, targets)
         b = _step(converted, images, targets)
-        plain_times.append(a), converted_times.append(b), ratios.append(b / a)
+        c = _step(checkpointed, images, targets)
+        plain_times.append(a), converted_times.append(b), ratios.append(b / a), checkpoint_ratios.append(c / a)
     return {
+        "timm_checkpointing_ratio_median": statistics.median(checkpoint_ratios),
         "model": model_name, "batch": batch, "size": size, "zero_init_last": zero_init_last, "pairs": pairs,
-        "methods": policy.methods() if policy is not None else {}, "plain_graphs": {n: sorted({"head", "steps"} - s.lean_graphs) for n, s in policy.stages.items() if s.lean_graphs != {"head", "steps"}} if policy is not None else {},
+        "methods": policy.methods() if policy is not None else {}, "plain_graphs": {n: sorted({"head", "head_recompute", "steps"} - s.lean_graphs) for n, s in policy.stages.items() if s.lean_graphs != {"head", "head_recompute", "steps"}} if policy is not None else {},
         "ratio_median": statistics.median(ratios), "ratios": ratios,
         "backprop_s_median": statistics.median(plain_times), "default_s_median": statistics.median(converted_times),
     }
@@ -70,7 +75,8 @@ def main() -> None:
     for row in rows:
         print(
             f"{row['model']} {row['batch']}x{row['size']}² zero_init_last={row['zero_init_last']}: "
-            f"default/backprop = {row['ratio_median']:.3f} (median of {row['pairs']} pairs; backprop "
+            f"default/backprop = {row['ratio_median']:.3f}, timm checkpointing/backprop = "
+            f"{row['timm_checkpointing_ratio_median']:.3f} (median of {row['pairs']} pairs; backprop "
             f"{row['backprop_s_median']:.2f} s, default {row['default_s_median']:.2f} s) methods {row['methods']}, "
             f"autograd's own graphs in {row['plain_graphs'] or 'no stage'}"
         )

@@ -287,7 +287,7 @@ def test_a_heads_batchnorms_recompute_their_convolutions_output_and_keep_autogra
     assert relative_error(grads, expected) < 1e-5
 
 
-@pytest.mark.parametrize("lean_graphs", [True, False, "head", "steps"])
+@pytest.mark.parametrize("lean_graphs", [True, False, "head", ("head", "head_recompute"), "steps"])
 def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_resnet(lean_graphs) -> None:
     """Every form at once (exact ``block``, heads, steps), float64, against timm's network with plain autograd; and
     with the leaner graphs in one part only, or none (``lean_graphs``, which the auto policy sets per stage)."""

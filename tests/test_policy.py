@@ -302,8 +302,8 @@ def test_auto_recomputes_with_autograds_own_graphs_where_the_leaner_ones_do_not_
     assert "steps" in chosen[names[0]], chosen  # layer1's 16² recomputation sets the peak: it keeps its leaner graph
     for decision in policy.decisions:
         assert set(decision.lean_graphs) == stages[decision.stage].lean_graphs
-        if decision.lean_graphs != ("head", "steps"):
-            assert "recompute with autograd's own graph" in decision.reason, decision.reason
+        if set(decision.lean_graphs) != {"head", "head_recompute", "steps"}:
+            assert "autograd's own graph for" in decision.reason, decision.reason
 
     def peak(lean: dict[str, object]) -> float:
         for name, stage in stages.items():
@@ -315,10 +315,10 @@ def test_auto_recomputes_with_autograds_own_graphs_where_the_leaner_ones_do_not_
                 stage.lean_graphs = chosen[name]
 
     as_chosen, all_lean = peak(chosen), peak(dict.fromkeys(stages, True))
-    assert as_chosen <= all_lean * 1.02, (as_chosen, all_lean)
+    assert as_chosen <= all_lean * 1.04, (as_chosen, all_lean)  # the policy trades up to 3 % of peak for time
     lowest = plain_steps[0]
     next_down = names[names.index(lowest) - 1]
-    assert peak({**chosen, next_down: chosen[next_down] - {"steps"}}) > as_chosen * 1.01
+    assert peak({**chosen, next_down: chosen[next_down] - {"steps"}}) > all_lean * 1.03
 
     as_chosen_grad = _grad(model, images, targets)
     for stage in stages.values():

@@ -66,10 +66,10 @@ class BatchNormReplay(TorchFunctionMode):
         self._private_outputs: list[tuple[nn.Module, nn.Module]] = []
         self._step_gradient: lean.StepGradient | None = None
         self._residual: lean.ResidualGradient | None = None
-        #: the stage's ``lean_graphs`` parts ("head", "steps"): the others keep autograd's own convolution and
+        #: the stage's ``lean_graphs`` parts (``stage.LEAN_PARTS``): the others keep autograd's own convolution and
         #: BatchNorm nodes in recomputations (faster; only the forms reading a 16-bit stored input and the ReLU's
         #: mask stay)
-        self.lean_parts: frozenset[str] = frozenset(("head", "steps"))
+        self.lean_parts: frozenset[str] = frozenset(("head", "head_recompute", "steps"))
 
     @contextlib.contextmanager
     def evaluation(self, mode: str, key: EvalKey | None = None) -> Iterator[None]:
@@ -173,7 +173,8 @@ class BatchNormReplay(TorchFunctionMode):
                     with torch.no_grad():
                         mean, var = _batch_statistics(x)
                     return self._batch_norm_of_expansion(source, x, a, mean, var)
-                return _BatchStatisticsBatchNormOfConv.apply(x, a["weight"], a["bias"], a["eps"], source, *source.tensors)
+                if _cheap_to_recompute(source) or "head_recompute" in self.lean_parts:
+                    return _BatchStatisticsBatchNormOfConv.apply(x, a["weight"], a["bias"], a["eps"], source, *source.tensors)
             if _lean_backward_applies(x):
                 # F.batch_norm(training=True) without running statistics, whose CPU backward would allocate a
                 # temporary the size of x on top of the recomputation's peak
@@ -378,6 +379,13 @@ class _BatchStatisticsBatchNormOfConv(torch.autograd.Function):
         del conv_tensors
         grad_x, grad_w, grad_b = _batch_norm_backward(ctx, grad_out, x, weight, mean, invstd)
         return (grad_x, grad_w, grad_b, None, None) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def _cheap_to_recompute(source: lean.ConvSource) -> bool:
+    """Whether a BatchNorm recomputes its input, this convolution's output, in its backward whatever the stage's
+    ``head_recompute`` part: a 1×1 convolution (one product per position; a k×k one costs k² times that)."""
+    weight = source.tensors[1]
+    return weight.dim() == 4 and tuple(weight.shape[2:]) == (1, 1)
 
 
 def _lean_backward_applies(x: torch.Tensor) -> bool:

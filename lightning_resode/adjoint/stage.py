@@ -22,8 +22,10 @@ Gradient = Literal["adjoint", "block", "checkpoint", "backprop"]
 GRADIENTS: tuple[str, ...] = ("adjoint", "block", "checkpoint", "backprop")
 
 
-#: the parts of a stage whose recomputation can build ``lean`` graphs: the exact head and the residual steps
-LEAN_PARTS = ("head", "steps")
+#: what of a stage's recomputation can build ``lean`` graphs: the exact head, the residual steps, and in the head a
+#: BatchNorm that recomputes a k×k convolution's output in its backward instead of saving it (k² products per
+#: output value: the costliest of the forms, for the least memory where the convolution is strided)
+LEAN_PARTS = ("head", "head_recompute", "steps")
 
 
 class AdjointSequential(nn.Module):
@@ -75,10 +77,11 @@ class AdjointSequential(nn.Module):
             ``fallback`` replaces the gradient (measured for free where the stage has an exact head).
         preserve_rng_state: replay dropout / drop-path draws in recomputation.
         lean_graphs: where recomputations build the leaner graph forms of ``lean`` (a BatchNorm that saves its
-            convolution's input, 1×1 convolutions as matrix products): ``True`` (the exact head and the steps),
-            ``False``, or one part, ``"head"`` or ``"steps"``. Less memory in the backward's working set, more
-            time (resnet50 on the CPU: about a fifth of plain backprop's step). Gradients are the same either
-            way up to float rounding. The auto policy turns them off where they do not lower the step's peak.
+            convolution's input, 1×1 convolutions as matrix products): ``True`` (every part of ``LEAN_PARTS``),
+            ``False``, or some parts: ``"head"`` (the exact head), ``"head_recompute"`` (in the head, also where
+            the convolution is k×k) and ``"steps"``. Less memory in the backward's working set, more time
+            (resnet50 on the CPU: about a quarter of plain backprop's step). Gradients are the same either way up
+            to float rounding. The auto policy turns them off where they do not lower the step's peak.
         name: shown in error messages and diagnostics (the converter sets e.g. ``"layer3"``).
     """
 
