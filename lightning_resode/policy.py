@@ -23,7 +23,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    before the larger stages below start their backward): no recomputation there, for no memory. Last, from the
    output side down, a stage recomputes with autograd's own graph instead of the engine's leaner one
    (``AdjointSequential.lean_graphs``) where the leaner one lowers that measured peak by 3 % or less (the same
-   gradient, less time: the leaner graphs save memory in high-resolution stages, and cost time wherever they run).
+   gradient, less time: the leaner graphs save memory in high-resolution stages, and cost time wherever they run;
+   the steps of a reconstruction reusing the step above's block output stay lean: they decide its top step).
 2. *Between calibrations*, stages using a reconstruction measure their reconstruction error at the stage
    input every step (free where the stage has an exact head). If it grows past a bound set at calibration,
    or a reconstruction turns non-finite, that step's gradient is recomputed exactly (no
@@ -107,6 +108,15 @@ def _step_peak(model: nn.Module, stages: dict[str, AdjointSequential], methods: 
     finally:
         for p, grad in zip(params, saved):
             p.grad = grad
+
+
+def _steps_decide_the_gradient(method: str) -> bool:
+    """Whether a stage's lean steps change its gradient: a reconstruction reusing the block output of the step above
+    (``uses_cache``) reverses its top step by its own block where its steps are lean (one state less held)."""
+    from .adjoint.schemes import get_scheme
+
+    spec = get_method(method)
+    return spec.gradient == "adjoint" and get_scheme(spec.scheme).uses_cache
 
 
 def _storage_of(method: str) -> tuple[str, Any]:
@@ -299,7 +309,7 @@ class StagePolicy:
         get_method(method)
         self.pinned[name] = method
         self._pending.discard(name)
-        self._apply(name, method)
+        self._apply(name, method, lean_graphs=tuple(self.stages[name].lean_graphs))
         self.decisions.append(PolicyDecision(name, method, self.step, float("nan"), float("nan"), f"{method}: {reason}"))
 
     def _on_fallback(self, stage: AdjointSequential, reason: str) -> None:
@@ -347,6 +357,7 @@ class StagePolicy:
             return []
         params = unique_params(model)
         stages = self.stages
+        running_lean = {name: stage.lean_graphs for name, stage in stages.items()}
         for stage in stages.values():
             stage.lean_graphs = True  # candidates' peaks are measured with the leaner graphs (a recheck may find them off)
         new: list[PolicyDecision] = []
@@ -379,13 +390,19 @@ class StagePolicy:
         lean_parts = dict.fromkeys(stages, LEAN_PARTS)
         if self.plain_graphs_where_free:
             with side_effect_free(model):
-                for name, (parts, reason) in self._plain_graphs_where_free(model, images, chosen).items():
-                    lean_parts[name] = parts
-                    if name in decided:
-                        decided[name] = replace(decided[name], reason=f"{decided[name].reason}; {reason}", lean_graphs=parts)
+                found = self._plain_graphs_where_free(model, images, chosen)
+            if found is None:  # not measurable on this batch: the stages keep what they ran with
+                lean_parts = {name: tuple(p for p in LEAN_PARTS if p in running_lean[name]) for name in stages}
+                found = {}
+            for name, (parts, reason) in found.items():
+                lean_parts[name] = parts
+            for name in decided:
+                if lean_parts[name] != LEAN_PARTS:
+                    reason = found[name][1] if name in found else "autograd's own graph kept from the last measurement"
+                    decided[name] = replace(decided[name], reason=f"{decided[name].reason}; {reason}", lean_graphs=lean_parts[name])
         for name in decided:  # output side first, as decided (returned input side first)
             decision = decided[name]
-            changed = decision.method != stages[name].method or set(decision.lean_graphs) != stages[name].lean_graphs
+            changed = decision.method != stages[name].method or set(decision.lean_graphs) != running_lean[name]
             if changed or not any(d.stage == name for d in self.decisions):
                 new.append(decision)
         settings = {name: (chosen[name], lean_parts[name]) for name in stages}
@@ -538,34 +555,48 @@ class StagePolicy:
         self._free_backprop = {key: found}
         return found
 
-    def _plain_graphs_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> dict[str, tuple[tuple[str, ...], str]]:
+    def _plain_graphs_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> dict[str, tuple[tuple[str, ...], str]] | None:
         """Per stage, the parts (``LEAN_PARTS``) that keep the engine's leaner graphs, where the others may
         recompute with autograd's own (the same gradient, faster) without raising the step's measured peak by
         more than ``LEAN_PEAK_TOLERANCE``; with the reason. The leaner graphs lower a backward's working set,
         which sets the peak only at high resolution: each part is tried from the output side down, and where it
         matters in one stage it is kept in the stages below it too (they work at higher resolution). Parts from
-        the cheapest memory saving per time spent: the steps', a head's k×k recomputation, then the whole head."""
+        the cheapest memory saving per time spent: the steps', a head's k×k recomputation, then the whole head.
+        Every part off at once is measured first: where stored inputs set the peak (deep networks), that is all."""
         if images.device.type != "cuda" and torch.autograd.profiler._is_profiler_enabled:
-            log.info("a profiler is running: the CPU's step peak cannot be measured now, every stage keeps its leaner graphs")
-            return {}
+            log.info("a profiler is running: the CPU's step peak cannot be measured now, the stages keep their graphs")
+            return None
         if images.shape[0] < 4:
-            return {}  # a per-image peak needs two batch sizes of at least two images (BatchNorm)
+            return None  # a per-image peak needs two batch sizes of at least two images (BatchNorm)
         key = (tuple(sorted(chosen.items())), tuple(images.shape), images.dtype, images.device)
         if key in self._free_plain_graphs:
             return dict(self._free_plain_graphs[key])
         stages = self.stages
         previous = {name: stage.lean_graphs for name, stage in stages.items()}
         names = [n for n in reversed(list(stages)) if get_method(chosen[n]).gradient not in ("backprop", "checkpoint")]
+        if not names:
+            return {}
+        # where a reconstruction reuses the step above's block output (euler_fast, heun), lean steps also decide
+        # whether the top step keeps it: a different gradient from the one measured, so they stay as measured
+        allowed = {n: set(LEAN_PARTS) - ({"steps"} if _steps_decide_the_gradient(chosen[n]) else set()) for n in names}
         plain: dict[str, set[str]] = {name: set() for name in names}
         peaks: dict[str, float] = {}
         try:
             for stage in stages.values():
                 stage.lean_graphs = True
             base = _step_peak(model, stages, chosen, images)
-            for part in ("steps", "head_recompute", "head"):
+            for name in names:  # first every part off at once: where stored inputs set the peak, one measurement
+                stages[name].lean_graphs = set(LEAN_PARTS) - allowed[name]
+            peak = _step_peak(model, stages, chosen, images)
+            if peak <= base * (1 + LEAN_PEAK_TOLERANCE):
+                plain = {name: set(allowed[name]) for name in names}
+                peaks = dict.fromkeys(names, peak)
+            for name in names:
+                stages[name].lean_graphs = set(LEAN_PARTS) - plain[name]
+            for part in ("steps", "head_recompute", "head") if not peaks else ():
                 for name in names:
                     stage = stages[name]
-                    if part != "steps" and stage.exact_head == 0:
+                    if (part != "steps" and stage.exact_head == 0) or part not in allowed[name]:
                         continue
                     # without the head's lean forms its recomputation has none to skip either
                     trial = {part, "head_recompute"} if part == "head" else {part}
@@ -583,8 +614,8 @@ class StagePolicy:
             name: (
                 tuple(p for p in LEAN_PARTS if p not in parts),
                 f"autograd's own graph for {' and '.join(_PART_NAMES[p] for p in LEAN_PARTS if p in parts and not (p == 'head_recompute' and 'head' in parts))} "
-                f"(faster; the leaner one lowers the step's peak by {LEAN_PEAK_TOLERANCE:.0%} or less there: "
-                f"{peaks[name]:.2f} MiB per image without it, {base:.2f} with it)",
+                f"(faster; with it off here and in the stages listed before, the step's peak is {peaks[name]:.2f} MiB "
+                f"per image against {base:.2f} with every leaner graph: within {LEAN_PEAK_TOLERANCE:.0%})",
             )
             for name, parts in plain.items() if parts
         }
@@ -715,7 +746,7 @@ class StagePolicy:
         self._checked = bool(state.get("checked", False))
         self.pinned = {n: m for n, m in state.get("pinned", {}).items() if n in self.stages}
         for name, method in self.pinned.items():
-            self._apply(name, method)
+            self._apply(name, method, lean_graphs=tuple(lean_graphs.get(name, LEAN_PARTS)))
 
     def methods(self) -> dict[str, str]:
         return {name: stage.method for name, stage in self.stages.items()}

@@ -128,3 +128,13 @@ def test_a_kept_tensor_modified_in_place_is_refused_not_used(method):
         h.add_(1.0)  # the stage input changed after the forward: every method keeps it (exact head)
     with pytest.raises(AdjointError, match="stage input was modified in place"):
         out.sum().backward()
+
+
+@pytest.mark.parametrize("value", [None, 1, 1.0, {"head": False}, b"head", ["stepz", 1], "heads", ["head_recompute"]])
+def test_a_bad_lean_graphs_setting_names_itself_and_what_is_valid(value) -> None:
+    stage = AdjointSequential([torch.nn.Identity()])
+    with pytest.raises(ValueError, match="lean_graphs") as caught:
+        stage.lean_graphs = value
+    message = str(caught.value)
+    assert "head" in message and (repr(value) in message or "unknown part" in message or "needs 'head'" in message), message
+    assert stage.lean_graphs == {"head", "head_recompute", "steps"}  # unchanged

@@ -469,3 +469,60 @@ def test_a_tensor_hook_on_a_blocks_output_gets_plain_timms_gradient() -> None:
     for plain, ours in zip(seen["plain"], seen["converted"]):
         assert relative_error(ours, plain) < 1e-6
     assert relative_error(flat_grad(converted.parameters()), flat_grad(model.parameters())) < 1e-6
+
+
+def test_a_gradient_a_hook_was_handed_is_never_written_afterwards() -> None:
+    """A step's ReLU and its first 1×1 convolution write into the gradient the step above handed down, where that is
+    the engine's own. A backward hook on the block above holds it too (its grad_input is this gradient): the kept
+    tensor must still hold what autograd gave it."""
+    from lightning_resode import to_adjoint
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet50", zero_init_last=False, channels=[16, 32, 64, 128], num_classes=5).double()
+    converted = to_adjoint(copy.deepcopy(model), scheme="block", check=False)
+    kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"plain": [], "converted": []}
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    for key, m in (("plain", model), ("converted", converted)):
+        handle = m.layer1[2].register_full_backward_hook(lambda mod, gi, go, key=key: kept[key].append((gi[0], gi[0].clone())))
+        try:
+            m.train()
+            m(x).square().mean().backward()
+        finally:
+            handle.remove()
+    plain_value = kept["plain"][-1][1]
+    held, value_when_handed = kept["converted"][-1]
+    assert relative_error(value_when_handed, plain_value) < 1e-10
+    assert relative_error(held, plain_value) < 1e-10, "a gradient handed to a hook was overwritten afterwards"
+
+
+def test_a_global_backward_pre_hook_keeps_the_gradients_it_was_handed() -> None:
+    """A global module backward pre-hook is handed each block's output gradient; the step must not write into it."""
+    from torch.nn.modules.module import register_module_full_backward_pre_hook
+
+    class Block(nn.Module):  # timm's in-place residual sum refuses module backward hooks: a block without one
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(x + self.bn(self.conv(x)))
+
+    torch.manual_seed(0)
+    blocks = [Block() for _ in range(4)]
+    plain = nn.Sequential(*copy.deepcopy(blocks)).double()
+    stage = AdjointSequential(copy.deepcopy(blocks), gradient="block").double()
+    x = torch.randn(4, 8, 8, 8, dtype=torch.float64)
+    kept: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {"plain": [], "stage": []}
+    for key, m in (("plain", plain), ("stage", stage)):
+        handle = register_module_full_backward_pre_hook(
+            lambda mod, go, key=key: kept[key].append((go[0], go[0].clone())) if isinstance(mod, Block) else None
+        )
+        try:
+            m.train()
+            m(x).square().mean().backward()
+        finally:
+            handle.remove()
+    # the stage's recomputations call each block's hooks again: its last calls are the backward's
+    for (_, plain_value), (held, value_when_handed) in zip(kept["plain"], kept["stage"][-len(kept["plain"]) :]):
+        assert relative_error(value_when_handed, plain_value) < 1e-10
+        assert relative_error(held, plain_value) < 1e-10, "a gradient handed to a hook was overwritten afterwards"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from lightning_resode import AdjointSequential, ReconstructionError, adjoint_stages, to_adjoint
 from lightning_resode.convert import policy_of
+from lightning_resode.adjoint.stage import LEAN_PARTS
 from lightning_resode.policy import StagePolicy
 from lightning_resode.testing import PRETRAIN_CLASSES, digits_split
 from stacks import conv_blocks, flat_grad
@@ -330,3 +331,12 @@ def test_auto_recomputes_with_autograds_own_graphs_where_the_leaner_ones_do_not_
     fresh = to_adjoint(copy.deepcopy(base))
     policy_of(fresh).load_state_dict(policy.state_dict())
     assert {n: s.lean_graphs for n, s in adjoint_stages(fresh).items()} == chosen
+
+    # a recheck on a batch too small to measure a peak keeps the graphs the stages ran with, and records no change
+    known = len(policy.decisions)
+    policy.calibrate(model, (images[:3], targets[:3]))
+    assert {name: stage.lean_graphs for name, stage in stages.items()} == chosen
+    assert all(set(d.lean_graphs) == chosen[d.stage] for d in policy.decisions[known:])
+    # where lean steps decide a reconstruction's gradient (euler_fast's top step), they stay as measured
+    found = policy._plain_graphs_where_free(model, images, dict.fromkeys(stages, "euler_fast"))
+    assert found and all("steps" not in set(LEAN_PARTS) - set(parts) for parts, _ in found.values()), found

@@ -389,8 +389,11 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
     indices = tape.binding.params_of(blocks)
     leaves = tape.binding.leaves(indices)
     holder = relay.take_grad()
-    if holder.private and (lean.global_hooks() or any(lean.hooks_could_see(m) for b in blocks for m in tape.stage[b].modules())):
-        holder.private = False  # a hook in a block may keep a tensor hook on its output, whose gradient this is
+    # a hook in a block may keep the gradient of the block's output (a tensor hook on it, a backward hook's
+    # grad_output) or of its input (grad_input): then neither this gradient nor the one this VJP hands down is
+    # the engine's alone
+    hooks_free = not (lean.global_hooks() or any(lean.hooks_could_see(m) for b in blocks for m in tape.stage[b].modules()))
+    holder.private = holder.private and hooks_free
     with torch.enable_grad(), record_function(f"resode::step{s}"), tape.recomputing(blocks, leaves):
         x_s = box.pop().detach()
         compact = None
@@ -425,7 +428,7 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
         grad_x = grads[0] if grads[0] is not None else torch.zeros_like(x_leaf)
         grads = grads[1:]
         # the engine's own, unless the VJP handed back, unchanged, the very gradient it was given (the stage's)
-        relay.grad_private = holder.private or not holder.handed_back_unchanged(grad_x)
+        relay.grad_private = hooks_free and (holder.private or not holder.handed_back_unchanged(grad_x))
     relay.accumulate(indices, grads)
     return grad_x, cache
 

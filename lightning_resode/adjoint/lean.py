@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.module import _global_backward_hooks, _global_forward_hooks, _global_forward_pre_hooks
+from torch.nn.modules.module import _global_backward_hooks, _global_backward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks
 from torch.utils._pytree import tree_flatten
 
 SUMS = frozenset({torch.add, torch.Tensor.add, torch.Tensor.add_, torch.Tensor.__add__, torch.Tensor.__radd__, torch.Tensor.__iadd__})
@@ -559,7 +559,7 @@ def private_conv_outputs(block: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 def global_hooks() -> bool:
     """Whether a module hook registered for every module exists (it is handed every block's inputs and outputs)."""
-    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks)
+    return bool(_global_forward_hooks or _global_forward_pre_hooks or _global_backward_hooks or _global_backward_pre_hooks)
 
 
 def hooks_could_see(module: nn.Module) -> bool:

@@ -94,7 +94,8 @@ class Heun(Scheme):
         z = x_{s+1} - g_{s+1}(x_{s+1});   x_s = x_{s+1} - 1/2 [g_{s+1}(x_{s+1}) + g_s(z)]
 
     g_{s+1}(x_{s+1}) is the first evaluation of the step above's VJP, so it is reused: three block
-    forwards per step in the backward. Error: O(1/N^2) in the gradient for residuals smooth in depth.
+    forwards per step in the backward (one more per stage where the steps are lean: the top step then keeps
+    no cache, as with ``EulerFast``). Error: O(1/N^2) in the gradient for residuals smooth in depth.
     """
 
     name = "heun"

@@ -55,7 +55,8 @@ class AdjointSequential(nn.Module):
         top_step_dtype: keep the top step's increment x_S - x_{S-1} in this dtype (e.g. ``torch.bfloat16``):
             the top block's input is then recovered without a block forward and with no reverse-step error
             (only the rounding of the increment), for half a state of memory in bf16. This makes the backward
-            cost one block forward per block with ``euler_fast``, as checkpointing does.
+            cost one block forward per block with ``euler_fast``, as checkpointing does (one more per stage
+            where the steps are lean: see ``lean_graphs``).
         store_every: with ``gradient="block"``, split the steps into runs and keep only each run's first input
             (exactly) at rest; in backward, each run is re-run forward from its kept input (no graph; BatchNorm
             with the forward's statistics) to recover its inputs, stored as ``block_dtype``. Memory at rest
@@ -81,7 +82,10 @@ class AdjointSequential(nn.Module):
             ``False``, or some parts: ``"head"`` (the exact head), ``"head_recompute"`` (in the head, also where
             the convolution is k×k) and ``"steps"``. Less memory in the backward's working set, more time
             (resnet50 on the CPU: about a quarter of plain backprop's step). Gradients are the same either way up
-            to float rounding. The auto policy turns them off where they do not lower the step's peak.
+            to float rounding, except for a reconstruction that reuses the step above's block output
+            (``euler_fast``, ``heun``): with lean steps its top step keeps no cache (one state less) and the step
+            below reverses by its own block. The auto policy turns them off where they lower the step's peak by
+            3 % or less (never the steps of such a reconstruction: that would change the gradient it measured).
         name: shown in error messages and diagnostics (the converter sets e.g. ``"layer3"``).
     """
 
@@ -209,13 +213,20 @@ class AdjointSequential(nn.Module):
 
     @lean_graphs.setter
     def lean_graphs(self, value: bool | str | Iterable[str]) -> None:
+        valid = f"valid: True, False, one part or a list of parts of {list(LEAN_PARTS)}"
         if isinstance(value, bool):
             parts = frozenset(LEAN_PARTS) if value else frozenset()
+        elif isinstance(value, str):
+            parts = frozenset([value])
+        elif isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(p, str) for p in value):
+            parts = frozenset(value)
         else:
-            parts = frozenset([value] if isinstance(value, str) else value)
-            unknown = sorted(parts - set(LEAN_PARTS))
-            if unknown:
-                raise ValueError(f"lean_graphs: unknown part(s) {unknown}; valid: True, False, or parts of {list(LEAN_PARTS)}")
+            raise ValueError(f"lean_graphs: {value!r} is not a setting; {valid}")
+        unknown = sorted(parts - set(LEAN_PARTS))
+        if unknown:
+            raise ValueError(f"lean_graphs: unknown part(s) {unknown}; {valid}")
+        if "head_recompute" in parts and "head" not in parts:
+            raise ValueError("lean_graphs: 'head_recompute' is a form of the head's lean graph and needs 'head' too")
         self._lean_parts = parts
 
     @property
