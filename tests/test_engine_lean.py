@@ -308,6 +308,17 @@ def test_lean_graphs_give_plain_autograds_gradients_in_float64_on_a_whole_timm_r
         assert relative_error(q.grad, p.grad) < 1e-10, name
 
 
+def _backward_each(models: tuple[nn.Module, ...], x: torch.Tensor, handles: list) -> None:
+    """One training forward and backward of each model on x, then the hooks removed (also when one fails)."""
+    try:
+        for m in models:
+            m.train()
+            m(x).square().mean().backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # ------------------------------------------------------------------ a BatchNorm of an expanding 1×1 convolution
 @pytest.mark.parametrize("conv_bias", [False, True])
 @pytest.mark.parametrize("affine", [False, True])
@@ -426,14 +437,7 @@ def test_hooks_that_read_a_batchnorms_input_get_plain_timms_gradients(hook) -> N
             handles.append(bn.register_full_backward_hook(lambda m, grad_in, grad_out: (grad_in[0] * 2,)))
         else:
             handles.append(bn.register_forward_hook(lambda m, inputs, output: output + 0.5 * inputs[0]))
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    try:
-        for m in (model, converted):
-            m.train()
-            m(x).square().mean().backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _backward_each((model, converted), torch.randn(4, 3, 32, 32, dtype=torch.float64), handles)
     expected = flat_grad(model.parameters())
     assert relative_error(flat_grad(converted.parameters()), expected) < 1e-10
 
@@ -457,14 +461,7 @@ def test_a_tensor_hook_on_a_blocks_output_gets_plain_timms_gradient() -> None:
                 output.register_hook(lambda g: seen[key].append(g.clone() if key == "plain" else g))
         handles.append(m.layer2[1].register_forward_hook(keep_output_grad))
         handles.append(m.layer3.register_forward_hook(keep_output_grad))
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
-    try:
-        for m in (model, converted):
-            m.train()
-            m(x).square().mean().backward()
-    finally:
-        for handle in handles:
-            handle.remove()
+    _backward_each((model, converted), torch.randn(4, 3, 32, 32, dtype=torch.float64), handles)
     assert len(seen["plain"]) == len(seen["converted"]) == 2
     for plain, ours in zip(seen["plain"], seen["converted"]):
         assert relative_error(ours, plain) < 1e-6
