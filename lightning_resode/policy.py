@@ -555,6 +555,18 @@ class StagePolicy:
         self._free_backprop = {key: found}
         return found
 
+    def _measured_candidate_peak(self, chosen: dict[str, str], images: torch.Tensor) -> float | None:
+        """The step peak ``_candidates_by_peak`` measured on these images where every stage runs the one method now
+        chosen for all (the same measurement: every leaner graph on, fallback on), else None."""
+        methods = set(chosen.values())
+        if self._candidate_order is None or len(methods) != 1:
+            return None
+        key, _, peaks = self._candidate_order
+        (method,) = methods
+        if key[1:] != (tuple(images.shape), images.dtype, images.device) or not math.isfinite(peaks.get(method, math.inf)):
+            return None
+        return peaks[method]
+
     def _plain_graphs_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> dict[str, tuple[tuple[str, ...], str]] | None:
         """Per stage, the parts (``LEAN_PARTS``) that keep the engine's leaner graphs, where the others may
         recompute with autograd's own (the same gradient, faster) without raising the step's measured peak by
@@ -584,7 +596,9 @@ class StagePolicy:
         try:
             for stage in stages.values():
                 stage.lean_graphs = True
-            base = _step_peak(model, stages, chosen, images)
+            base = self._measured_candidate_peak(chosen, images)
+            if base is None:
+                base = _step_peak(model, stages, chosen, images)
             for name in names:  # first every part off at once: where stored inputs set the peak, one measurement
                 stages[name].lean_graphs = set(LEAN_PARTS) - allowed[name]
             peak = _step_peak(model, stages, chosen, images)
