@@ -392,8 +392,10 @@ class StagePolicy:
             with side_effect_free(model):
                 found = self._plain_graphs_where_free(model, images, chosen)
             if found is None:  # not measurable on this batch: the stages keep what they ran with
-                lean_parts = {name: tuple(p for p in LEAN_PARTS if p in running_lean[name]) for name in stages}
                 found = {}
+                for name in stages:  # but a reconstruction's steps decide its gradient (see _steps_decide_the_gradient)
+                    keep = set(running_lean[name]) | ({"steps"} if _steps_decide_the_gradient(chosen[name]) else set())
+                    lean_parts[name] = tuple(p for p in LEAN_PARTS if p in keep)
             for name, (parts, reason) in found.items():
                 lean_parts[name] = parts
             for name in decided:
