@@ -290,7 +290,7 @@ def test_auto_recomputes_with_autograds_own_graphs_where_the_leaner_ones_do_not_
     from lightning_resode.policy import calibration_loss
 
     torch.manual_seed(0)
-    base = timm.create_model("resnet50", pretrained=False, zero_init_last=False).train()
+    base = timm.create_model("resnet26", pretrained=False, zero_init_last=False).train()
     images, targets = torch.randn(8, 3, 64, 64), torch.randint(0, 1000, (8,))
     model = to_adjoint(copy.deepcopy(base), calibration=(images, targets))
     policy = policy_of(model)
