@@ -604,12 +604,13 @@ class StagePolicy:
             for name in names:  # first every part off at once: where stored inputs set the peak, one measurement
                 stages[name].lean_graphs = set(LEAN_PARTS) - allowed[name]
             peak = _step_peak(model, stages, chosen, images)
-            if peak <= base * (1 + LEAN_PEAK_TOLERANCE):
+            all_off_fits = peak <= base * (1 + LEAN_PEAK_TOLERANCE)
+            if all_off_fits:
                 plain = {name: set(allowed[name]) for name in names}
                 peaks = dict.fromkeys(names, peak)
             for name in names:
                 stages[name].lean_graphs = set(LEAN_PARTS) - plain[name]
-            for part in ("steps", "head_recompute", "head") if not peaks else ():
+            for part in () if all_off_fits else ("steps", "head_recompute", "head"):
                 for name in names:
                     stage = stages[name]
                     if (part != "steps" and stage.exact_head == 0) or part not in allowed[name]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from lightning_resode import policy_of, to_adjoint
+from lightning_resode.adjoint.stage import LEAN_PARTS
 
 
 def _step(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
@@ -57,7 +58,7 @@ def measure(model_name: str, batch: int, size: int, pairs: int, zero_init_last: 
     return {
         "timm_checkpointing_ratio_median": statistics.median(checkpoint_ratios),
         "model": model_name, "batch": batch, "size": size, "zero_init_last": zero_init_last, "pairs": pairs,
-        "methods": policy.methods() if policy is not None else {}, "plain_graphs": {n: sorted({"head", "head_recompute", "steps"} - s.lean_graphs) for n, s in policy.stages.items() if s.lean_graphs != {"head", "head_recompute", "steps"}} if policy is not None else {},
+        "methods": policy.methods() if policy is not None else {}, "plain_graphs": {n: sorted(set(LEAN_PARTS) - s.lean_graphs) for n, s in policy.stages.items() if s.lean_graphs != set(LEAN_PARTS)} if policy is not None else {},
         "ratio_median": statistics.median(ratios), "ratios": ratios,
         "backprop_s_median": statistics.median(plain_times), "default_s_median": statistics.median(converted_times),
     }

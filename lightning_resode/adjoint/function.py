@@ -405,7 +405,8 @@ def _step_vjp(tape: Tape, s: int, box: list[torch.Tensor], want_x: bool, want_ca
             x_leaf = x_s if x_s.dtype == tape.state_dtype else x_s.to(tape.state_dtype)
         del x_s
         x_leaf.requires_grad_(want_x)
-        single_block = tape.stage[blocks[0]] if len(blocks) == 1 and _single_evaluation(tape.scheme) else None
+        # the residual sum's gradient handed to the block's first convolution: one block, no hook that could hold it
+        single_block = tape.stage[blocks[0]] if hooks_free and len(blocks) == 1 and _single_evaluation(tape.scheme) else None
         with (
             tape.replay.compact_input(compact),
             tape.replay.private_outputs([tape.stage[b] for b in blocks]),

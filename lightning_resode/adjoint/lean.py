@@ -535,9 +535,10 @@ def register_residual_entry(block_type: type, entry_of: Callable[[nn.Module], nn
 
 
 def residual_entry(block: nn.Module) -> nn.Module | None:
-    """The convolution registered as a block's residual entry, where no hook in the block could see its input."""
+    """The convolution registered as a block's residual entry (the caller makes sure no hook in the block could
+    see the block's input or its gradient)."""
     entry_of = _RESIDUAL_ENTRY_OF.get(type(block))
-    if entry_of is None or global_hooks() or any(hooks_could_see(m) for m in block.modules()):
+    if entry_of is None:
         return None
     conv = entry_of(block)
     return conv if type(conv) is nn.Conv2d else None
