@@ -93,6 +93,26 @@ def test_reconstruction_error_is_reported_when_the_input_is_kept():
     assert silent.last_backward.reconstruction_error is None and silent.last_backward.steps == 32
 
 
+def test_a_stage_with_a_head_measures_its_reconstruction_error_on_a_sample_that_agrees_with_the_whole():
+    """Without a fallback, the error behind an exact head is measured on every 4th row and column (x̂ is not held
+    at full size beside the head's graph); with one, on the whole state before that graph. Same weights, same
+    batch: the two must agree, and both must see a real error (trained-like large residuals)."""
+    import timm
+
+    torch.manual_seed(0)
+    blocks = list(timm.create_model("resnet26", pretrained=False, zero_init_last=False).layer2)
+    x = torch.randn(4, 256, 32, 32, requires_grad=True)
+    errors = {}
+    for fallback in (False, True):
+        stage = AdjointSequential(blocks, "euler", exact_head=1)
+        stage.fallback = fallback
+        stage(x).sum().backward()
+        errors[fallback] = stage.last_backward.reconstruction_error
+    whole, sampled = errors[True], errors[False]
+    assert whole > 1e-2, whole
+    assert abs(sampled - whole) < 0.2 * whole, (sampled, whole)
+
+
 def test_nested_adjoint_stages_are_refused_clearly():
     inner = AdjointSequential(smooth_blocks(2))
     outer = AdjointSequential([inner, *smooth_blocks(2, seed=1)], name="outer")

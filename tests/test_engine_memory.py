@@ -109,6 +109,35 @@ def test_a_fallback_that_is_not_needed_holds_nothing_during_the_heads_backward()
     assert with_fallback < without + gradient_bytes / 2, (with_fallback / gradient_bytes, without / gradient_bytes)
 
 
+def test_the_reconstruction_error_behind_a_head_is_measured_without_holding_the_whole_reconstruction(monkeypatch):
+    """An adjoint stage without fallback compares x̂ with the exact head's output once the head's graph is built.
+    Held whole, x̂ would sit beside that graph, the peak of an ODE-like resnet50; only a 1/16 sample of it may."""
+    import timm
+
+    import lightning_resode.adjoint.function as engine_function
+    from lightning_resode.measure import step_memory
+
+    torch.manual_seed(0)
+    blocks = list(timm.create_model("resnet50", pretrained=False, zero_init_last=True).layer2)
+    x = torch.randn(8, 256, 28, 28, requires_grad=True)
+    weight = torch.randn(8, 512, 14, 14)
+    stage = AdjointSequential(blocks, exact_head=1).configure(method="euler_fast", store_every=None)
+
+    def working_set() -> int:
+        (stage(x) * weight).sum().backward()
+        stage.zero_grad(set_to_none=True)
+        measured = step_memory(lambda: (stage(x) * weight).sum())
+        return measured.peak_bytes - measured.backward_start_bytes
+
+    sampled = working_set()
+    with monkeypatch.context() as patch:  # the whole x̂, as it was held before
+        patch.setattr(engine_function, "ERROR_SAMPLE_STRIDE", 1)
+        whole = working_set()
+    assert stage.last_backward.reconstruction_error is not None
+    state_bytes = weight.numel() * weight.element_size()
+    assert sampled <= whole - 0.6 * state_bytes, (sampled / state_bytes, whole / state_bytes)
+
+
 def test_a_downsampling_heads_backward_keeps_the_strided_shortcut_small(monkeypatch):
     """timm's downsampling block: its 1x1 stride-2 shortcut convolution reads every other row and column of the
     block input. Plain autograd's VJP holds a full-size input gradient for it beside the main path's (and, on the
