@@ -1,4 +1,5 @@
-"""Shared test setup: offline W&B, deterministic seeds, OpenMP threads that sleep instead of spin.
+"""Shared test setup: offline W&B, deterministic seeds, OpenMP threads that sleep instead of spin, one thread per
+worker process where pytest-xdist runs the suite (``make test``).
 
 Several tests start subprocesses (DDP workers, the SIGTERM resume run) that share the CI machine's two
 cores with the test process. OpenMP's default waiting policy spins, and oversubscribed spinning slowed one
@@ -14,6 +15,9 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("MKL_CBWR", "AVX2")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker process (``make test`` runs two): more would oversubscribe the cores
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
