@@ -83,3 +83,27 @@ def test_one_stage_name_may_be_given_as_a_string_as_on_the_command_line() -> Non
     assert module.hparams.stages == ["layer4"]
     with pytest.raises(ValueError, match="layr4"):
         ResodeClassifier(model_name="resnet18", pretrained=False, num_classes=3, stages="layr4")
+
+
+def test_validation_accuracy_is_the_share_of_images_classified_right(tmp_path: Path) -> None:
+    """``val/acc`` is top-1 accuracy as timm's validate reports it: right answers over images, however the classes
+    are balanced (a per-class mean would differ here, and printed 1.0000001 where every image was right)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    module = ResodeClassifier("resnet10t", num_classes=3)
+    images = torch.randn(12, 3, 32, 32)
+    module.eval()
+    with torch.no_grad():
+        predicted = module(images).argmax(-1)
+    targets = predicted.clone()
+    targets[:5] = (predicted[:5] + 1) % 3  # five wrong; the classes are unbalanced
+    expected = float((predicted == targets).float().mean())
+    per_class = [float((predicted[targets == c] == c).float().mean()) for c in targets.unique()]
+    assert abs(sum(per_class) / len(per_class) - expected) > 1e-3  # the test can tell the two apart
+    trainer = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(module, dataloaders=DataLoader(TensorDataset(images, targets), batch_size=4))
+    assert metrics["val/acc"] == pytest.approx(expected, abs=1e-6)
+    all_right = DataLoader(TensorDataset(images, predicted), batch_size=4)
+    (metrics,) = trainer.validate(module, dataloaders=all_right)
+    assert metrics["val/acc"] == 1.0

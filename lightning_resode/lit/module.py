@@ -261,10 +261,12 @@ class ResodeClassifier(pl.LightningModule):
             else None
         )
         top_k = min(5, num_classes)
-        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
-        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k)
-        self.test_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1)
-        self.test_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k)
+        # top-1/top-5 as timm's validate reports them: right answers over images (torchmetrics' default, a mean
+        # over classes, is balanced accuracy: it differs on unbalanced sets and printed 1.0000001 in float32)
+        self.val_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.val_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
+        self.test_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
         self._frozen = False
 
     # ------------------------------------------------------------------ model surgery
