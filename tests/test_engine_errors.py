@@ -93,15 +93,17 @@ def test_reconstruction_error_is_reported_when_the_input_is_kept():
     assert silent.last_backward.reconstruction_error is None and silent.last_backward.steps == 32
 
 
-def test_a_stage_with_a_head_measures_its_reconstruction_error_on_a_sample_that_agrees_with_the_whole():
+@pytest.mark.parametrize("size", [32, 8], ids=["sampled", "whole"])
+def test_a_stage_with_a_head_measures_its_reconstruction_error_on_a_sample_that_agrees_with_the_whole(size):
     """Without a fallback, the error behind an exact head is measured on every 4th row and column (x̂ is not held
     at full size beside the head's graph); with one, on the whole state before that graph. Same weights, same
-    batch: the two must agree, and both must see a real error (trained-like large residuals)."""
+    batch: the two must agree, and both must see a real error (trained-like large residuals). A state under 8×8
+    positions (4×4 here) is measured whole either way."""
     import timm
 
     torch.manual_seed(0)
     blocks = list(timm.create_model("resnet26", pretrained=False, zero_init_last=False).layer2)
-    x = torch.randn(4, 256, 32, 32, requires_grad=True)
+    x = torch.randn(4, 256, size, size, requires_grad=True)
     errors = {}
     for fallback in (False, True):
         stage = AdjointSequential(blocks, "euler", exact_head=1)
@@ -110,7 +112,7 @@ def test_a_stage_with_a_head_measures_its_reconstruction_error_on_a_sample_that_
         errors[fallback] = stage.last_backward.reconstruction_error
     whole, sampled = errors[True], errors[False]
     assert whole > 1e-2, whole
-    assert abs(sampled - whole) < 0.2 * whole, (sampled, whole)
+    assert abs(sampled - whole) < (0.2 if size == 32 else 1e-5) * whole, (sampled, whole)
 
 
 def test_nested_adjoint_stages_are_refused_clearly():

@@ -549,8 +549,9 @@ ERROR_SAMPLE_STRIDE = 4
 def _error_sample(state: torch.Tensor) -> torch.Tensor:
     """Every ``ERROR_SAMPLE_STRIDE``-th row and column of an image-shaped state (all images and channels), on which
     the reconstruction error is measured where x̂ would otherwise be held at full size beside the exact head's
-    recomputation graph: that graph's peak then holds 1/16 of x̂ (resnet50's ODE-like peak is set there)."""
-    if state.dim() != 4:
+    recomputation graph: that graph's peak then holds 1/16 of x̂ (resnet50's ODE-like peak is set there). States
+    smaller than 8×8 positions are measured whole: they cost little, and a sample of them would be a few corners."""
+    if state.dim() != 4 or min(state.shape[-2:]) < 2 * ERROR_SAMPLE_STRIDE:
         return state
     return state[..., ::ERROR_SAMPLE_STRIDE, ::ERROR_SAMPLE_STRIDE]
 
