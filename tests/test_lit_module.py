@@ -107,3 +107,28 @@ def test_validation_accuracy_is_the_share_of_images_classified_right(tmp_path: P
     all_right = DataLoader(TensorDataset(images, predicted), batch_size=4)
     (metrics,) = trainer.validate(module, dataloaders=all_right)
     assert metrics["val/acc"] == 1.0
+
+
+def test_evaluating_a_checkpoint_at_another_image_size_says_so_once(tmp_path: Path) -> None:
+    """A digits model trained at 32² scored chance at 64² with nothing said: the checkpoint records the size the
+    weights were trained on, and validate/test/predict at another size warn once (never during fit)."""
+    import warnings
+
+    module = ResodeClassifier("resnet10t", num_classes=3)
+    trainer = _train(module, tmp_path)  # 32x32 images
+    checkpoint = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["resode_trained_image_size"] == [32, 32]
+
+    def evaluate(size: int) -> list[str]:
+        fresh = ResodeClassifier("resnet10t", num_classes=3)
+        evaluator = pl.Trainer(default_root_dir=tmp_path, logger=False, enable_progress_bar=False, enable_model_summary=False)
+        data = SyntheticDataModule(num_classes=3, image_size=size, train_samples=8, val_samples=8, batch_size=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            evaluator.validate(fresh, datamodule=data, ckpt_path=str(checkpoint))
+        return [str(w.message) for w in caught if "trained on" in str(w.message)]
+
+    assert evaluate(32) == []
+    (message,) = evaluate(48)  # once, though two batches
+    assert "48x48" in message and "32x32" in message

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import timm
 import timm.data
 import timm.optim
@@ -268,6 +268,10 @@ class ResodeClassifier(pl.LightningModule):
         self.test_top1 = MulticlassAccuracy(num_classes=num_classes, top_k=1, average="micro")
         self.test_top5 = MulticlassAccuracy(num_classes=num_classes, top_k=top_k, average="micro")
         self._frozen = False
+        #: (height, width) of the images the weights were last trained on, saved in checkpoints: evaluating at
+        #: another size (a digits model trained at 32² scored chance at 64²) is said once, not left silent
+        self.trained_image_size: tuple[int, int] | None = None
+        self._size_noted = False
 
     # ------------------------------------------------------------------ model surgery
     def _has_native_stages(self) -> bool:
@@ -371,10 +375,15 @@ class ResodeClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.policy is not None:
             checkpoint["resode_policy"] = self.policy.state_dict()
+        if self.trained_image_size is not None:
+            checkpoint["resode_trained_image_size"] = list(self.trained_image_size)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.policy is not None and "resode_policy" in checkpoint:
             self.policy.load_state_dict(checkpoint["resode_policy"])
+        if "resode_trained_image_size" in checkpoint:
+            self.trained_image_size = tuple(int(v) for v in checkpoint["resode_trained_image_size"])
+            self._size_noted = False
 
     def configure_callbacks(self) -> list[pl.Callback]:
         if self.hparams.ema_decay is None or self.trainer.state.fn != "fit":
@@ -397,6 +406,7 @@ class ResodeClassifier(pl.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, targets = batch
         check_finite_input(images, self.global_step)
+        self.trained_image_size = (int(images.shape[-2]), int(images.shape[-1]))
         images = self._layout(images)  # the stage policy measures the layout training runs in
         self._calibrate_if_due(images, targets)
         try:
@@ -414,8 +424,24 @@ class ResodeClassifier(pl.LightningModule):
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
+    def _note_another_image_size(self, images: torch.Tensor) -> None:
+        """Outside fit (validate, test, predict of a checkpoint), say once that the images are not the size the
+        weights were trained on: the figures then measure the network at another resolution, not the trained one."""
+        if self._size_noted or self.trained_image_size is None or self._trainer is None or self.trainer.state.fn == "fit":
+            return
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size != self.trained_image_size:
+            self._size_noted = True
+            trained = "x".join(map(str, self.trained_image_size))
+            rank_zero_warn(
+                f"{self.trainer.state.fn}: the images are {size[0]}x{size[1]}, but this checkpoint was trained on "
+                f"{trained} images; its accuracy at another size can be far lower (set the data's image size to "
+                f"{trained} to evaluate the network as trained)"
+            )
+
     def _evaluate(self, batch: tuple[torch.Tensor, torch.Tensor], prefix: str) -> None:
         images, targets = batch
+        self._note_another_image_size(images)
         logits = self(images)
         loss = F.cross_entropy(logits, targets)
         top1, top5 = (self.val_top1, self.val_top5) if prefix == "val" else (self.test_top1, self.test_top5)
@@ -434,6 +460,7 @@ class ResodeClassifier(pl.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        self._note_another_image_size(images)
         return self(images).softmax(dim=-1)
 
     # ------------------------------------------------------------------ optimisation
