@@ -78,7 +78,8 @@ class AdjointSequential(nn.Module):
             ``fallback`` replaces the gradient (measured for free where the stage has an exact head).
         preserve_rng_state: replay dropout / drop-path draws in recomputation.
         lean_graphs: where recomputations build the leaner graph forms of ``lean`` (a BatchNorm that saves its
-            convolution's input, 1×1 convolutions as matrix products): ``True`` (every part of ``LEAN_PARTS``),
+            convolution's input, 1×1 convolutions as matrix products, on the CPU a stored 16-bit input read as is,
+            not upcast): ``True`` (every part of ``LEAN_PARTS``),
             ``False``, or some parts: ``"head"`` (the exact head), ``"head_recompute"`` (in the head, also where
             the convolution is k×k) and ``"steps"``. Less memory in the backward's working set, more time
             (resnet50 on the CPU: about a quarter of plain backprop's step). Gradients are the same either way up
