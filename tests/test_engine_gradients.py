@@ -64,6 +64,20 @@ def test_refinement_and_anchors_buy_accuracy(scheme):
     assert anchored < plain / 3
 
 
+@pytest.mark.parametrize("scheme", ["euler", "euler_fast"])
+@pytest.mark.parametrize("depth", [3, 4], ids=["anchor_at_the_top", "no_anchor_at_the_top"])
+def test_a_kept_top_step_with_anchors_only_ever_brings_the_gradient_closer(scheme, depth):
+    """The kept top increment rebuilds the top step's input exactly (float64 here). Where the top step has an
+    anchor it must not be used again further down: it was subtracted at the step below the anchor, doubling the
+    gradient error of `to_adjoint(..., anchor_every=K)` (its default keeps a top step) where (S-1) % K == 0."""
+    torch.manual_seed(1)
+    plain = _relative_gradient_error(depth, scheme, anchor_every=2)
+    torch.manual_seed(1)  # the same input
+    with_top = _relative_gradient_error(depth, scheme, anchor_every=2, top_step_dtype=torch.float64)
+    assert plain > 1e-4  # there is an error for the top step to remove or double
+    assert with_top <= plain * (1 + 1e-9), (with_top, plain)
+
+
 def test_input_gradient_matches_backprop():
     blocks = smooth_blocks(64)
     x = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)

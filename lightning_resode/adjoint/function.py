@@ -52,7 +52,7 @@ def run_chain(tape: Tape, x: torch.Tensor) -> torch.Tensor:
     h = StageEntry.apply(tape, x, *tape.binding.trainable)
     plan = tape.plan
     starts = set(plan.run_starts or ())
-    below = top_increment = None
+    below = top_increment = kept = None
     for s in range(tape.num_steps):
         if starts:  # keep the input of each run's first step (exactly), handed to the node above the run
             passed = None
@@ -64,7 +64,8 @@ def run_chain(tape: Tape, x: torch.Tensor) -> torch.Tensor:
             kept = _kept_input(tape, s, h)
             out = StageStep.apply(tape, s, h, below)
             below = kept
-        if s == tape.num_steps - 1 and plan.gradient == "adjoint" and plan.top_step_dtype is not None:
+        # the top step's increment, unless its input is kept already (an anchor): x̂ = x_S − increment there
+        if s == tape.num_steps - 1 and plan.gradient == "adjoint" and plan.top_step_dtype is not None and kept is None:
             with torch.no_grad():
                 top_increment = (out - h).to(plan.top_step_dtype)
         h = out
@@ -366,6 +367,8 @@ def _reconstruct(tape: Tape, s: int, anchor: torch.Tensor | None) -> torch.Tenso
     x_next, relay.state = relay.state, None
     cache, relay.cache = relay.cache, None
     if anchor is not None:
+        if relay.top_increment is not None:
+            raise AssertionError("a step with an anchor was also given the top step's increment")
         return anchor.to(_work_dtype(anchor.dtype))
     if relay.top_increment is not None:
         top_increment, relay.top_increment = relay.top_increment, None
