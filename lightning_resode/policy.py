@@ -87,6 +87,12 @@ EARLY_RECHECKS = (1, 10, 100)
 MAX_CHECK_ATTEMPTS = 3
 
 
+def _worst(a: float, b: float) -> float:
+    """The lower of two cosines, NaN if either is (``min(1.0, nan)`` is 1.0: a probe whose gradients overflowed
+    would pass)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else min(a, b)
+
+
 def _stored_input_methods_other_than(methods: list[str]) -> str:
     """The stored-input methods to advise, never one that was just found wanting."""
     return ", ".join(repr(m) for m in ("block_fp16", "block") if m not in methods)
@@ -297,6 +303,10 @@ class StagePolicy:
                 if self.mode == "check":
                     self._warn_unverified(sorted(self._approximate_stages()), "batches of 1 image (a measurement needs 2)")
                 return
+            if self.mode != "check" and not bool(torch.isfinite(images[: self.sample_images]).all()):
+                log.warning("the batch has NaN/inf values: the stages keep their methods and calibrate on the next batch")
+                self.step += 1
+                return
             self.calibrate(model, batch)
         self.step += 1
 
@@ -344,6 +354,11 @@ class StagePolicy:
                 if unmeasured and self._checked:
                     self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)")
             else:
+                if not bool(torch.isfinite(images).all()):
+                    raise ValueError(
+                        "the calibration images have NaN/inf values: a gradient measured on them says nothing about "
+                        "the methods; calibrate on finite images"
+                    )
                 new = self._choose(model, images, targets)
                 self._pending.clear()
         self.decisions.extend(new)
@@ -379,7 +394,8 @@ class StagePolicy:
                 decision = self._choose_stage(model, name, images, targets, params, exact, chosen, values, subsets, candidates)
                 chosen[name] = decision.method
                 decided[name] = decision
-                if decision.reconstruction_error is not None and get_method(decision.method).gradient == "adjoint":
+                error = decision.reconstruction_error
+                if error is not None and math.isfinite(error) and get_method(decision.method).gradient == "adjoint":
                     bounds[name] = max(ERROR_GROWTH * decision.reconstruction_error, ERROR_FLOOR)
         if self.backprop_where_free:
             with side_effect_free(model):
@@ -504,20 +520,20 @@ class StagePolicy:
                     if probe_images is images:
                         report = probe.report(stage)
                         error = report.reconstruction_error if report is not None else None
-                    cosine = min(cosine, compare(grads, probe_exact, stage_params)[0])
-                    model_cosine = min(model_cosine, compare(grads, probe_exact, params)[0])
-                    if not min(cosine, model_cosine) >= required:
+                    cosine = _worst(cosine, compare(grads, probe_exact, stage_params)[0])
+                    model_cosine = _worst(model_cosine, compare(grads, probe_exact, params)[0])
+                    if not _worst(cosine, model_cosine) >= required:
                         break
             except (ReconstructionError, AdjointError) as err:  # never an out-of-memory error: that must surface
                 tried.append(f"{method} failed ({type(err).__name__})")
                 continue
-            if math.isfinite(cosine) and min(cosine, model_cosine) >= required:
+            if _worst(cosine, model_cosine) >= required:
                 reason = (
                     f"{method}: gradient cosine {cosine:.5f} (stage), {model_cosine:.5f} (model) >= {required:.4g}"
                     + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
                 )
                 return PolicyDecision(name, method, self.step, cosine, model_cosine, reason, error)
-            tried.append(f"{method} {min(cosine, model_cosine):.4f}")
+            tried.append(f"{method} {_worst(cosine, model_cosine):.4f}")
         return PolicyDecision(name, "block", self.step, 1.0, 1.0, f"block: exact; no candidate reached its bound ({', '.join(tried)})")
 
     def _backprop_where_free(self, model: nn.Module, images: torch.Tensor, chosen: dict[str, str]) -> list[PolicyDecision]:

@@ -160,3 +160,35 @@ def test_a_bad_lean_graphs_setting_names_itself_and_what_is_valid(value) -> None
     message = str(caught.value)
     assert "head" in message and (repr(value) in message or "unknown part" in message or "needs 'head'" in message), message
     assert stage.lean_graphs == {"head", "head_recompute", "steps"}  # unchanged
+
+
+def test_a_non_finite_value_outside_the_error_sample_still_makes_the_error_nan():
+    """The sampled error behind a head must not hide a -inf the sample skips (found by a new-user review)."""
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            poison = torch.zeros_like(y)
+            poison[..., 1, 1] = float("-inf")  # row and column 1: not in the every-4th sample
+            return y + poison
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return torch.relu(x + 0.1 * torch.tanh(self.conv(torch.nan_to_num(x, neginf=0.0))))
+
+    for fallback in (False, True):
+        torch.manual_seed(0)
+        stage = AdjointSequential([Head(), Block(), Block(), Block()], "euler", exact_head=1, fallback=fallback)
+        stage(torch.randn(2, 4, 16, 16, requires_grad=True)).sum().backward()
+        report = stage.last_backward
+        assert report.reconstruction_error != report.reconstruction_error, (fallback, report)  # NaN
+        if fallback:
+            assert report.fell_back and "not finite" in report.fallback_reason

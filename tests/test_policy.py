@@ -340,3 +340,33 @@ def test_auto_recomputes_with_autograds_own_graphs_where_the_leaner_ones_do_not_
     # where lean steps decide a reconstruction's gradient (euler_fast's top step), they stay as measured
     found = policy._plain_graphs_where_free(model, images, dict.fromkeys(stages, "euler_fast"))
     assert found and all("steps" not in set(LEAN_PARTS) - set(parts) for parts, _ in found.values()), found
+
+
+def test_a_probe_whose_gradients_overflow_rejects_the_method(trained_small) -> None:
+    """Found by a new-user review: trained resnet101 in float64 on random 64² images. euler_fast's probe gradients
+    on layer3 overflowed (|grad| 2.7e282), their cosine was NaN, and ``min(1.0, nan)`` is 1.0: auto chose it with
+    "cosine 1.00000". Whatever a machine's fixture, the promise is a finite gradient at cosine >= 0.99."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(trained_small("resnet101", False).model).double().train()
+    images, targets = torch.randn(8, 3, 64, 64, dtype=torch.float64), torch.randint(0, 5, (8,))
+    exact = _grad(copy.deepcopy(model), images, targets)
+    converted = to_adjoint(model, calibration=(images, targets))
+    approx = _grad(converted, images, targets)
+    assert bool(torch.isfinite(approx).all()), policy_of(converted).methods()
+    assert _cosine(approx, exact) >= 0.99, policy_of(converted).methods()
+
+
+def test_calibration_images_with_nan_are_refused_and_training_calibrates_on_the_next_batch(caplog) -> None:
+    import timm
+
+    model = to_adjoint(timm.create_model("resnet18", num_classes=3).train())
+    images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))
+    poisoned = images.clone()
+    poisoned[1, 0, 5, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        policy_of(model).calibrate(model, (poisoned, targets))
+    with caplog.at_level(logging.WARNING, logger="lightning_resode.policy"):
+        model(poisoned)  # a training forward: the policy's pre-hook
+    assert "calibrate on the next batch" in caplog.text and not policy_of(model).decisions
+    F.cross_entropy(model(images), targets).backward()
+    assert [d.stage for d in policy_of(model).decisions] == ["layer1", "layer2", "layer3", "layer4"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -458,7 +459,7 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
         x_hat = None
     x_leaf = x0 = None
     shortcuts: list[tuple[torch.Tensor, tuple[int, int]]] = []
-    if head and x_hat is not None:
+    if head and x_hat is not None and _error_sample(x_hat) is not x_hat:
         x_hat = _error_sample(x_hat).clone()  # the full-size x̂ is not held beside the head's graph
     if head:
         indices = tape.binding.params_of(tape.head_blocks())
@@ -471,7 +472,7 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     else:
         x0 = x_in
     if problem is None and plan.gradient == "adjoint" and x0 is not None and x_hat is not None:
-        problem = _reconstruction_problem(plan, report, x_hat, _error_sample(x0.detach()) if head else x0.detach())
+        problem = _reconstruction_problem(plan, report, x_hat, _error_sample(x0.detach()) if head else x0.detach(), x0.detach() if head else None)
     del x_hat
     if problem is None:
         relay.grad_out = None  # the fallback is not needed: the head's VJP below runs without it
@@ -560,10 +561,15 @@ def _error_sample(state: torch.Tensor) -> torch.Tensor:
     return state[..., ::ERROR_SAMPLE_STRIDE, ::ERROR_SAMPLE_STRIDE]
 
 
-def _reconstruction_problem(plan: StagePlan, report: BackwardReport, x_hat: torch.Tensor, x0: torch.Tensor) -> str | None:
-    """Report the reconstruction error (overwriting ``x_hat``); the problem if it is above a fallback's bound."""
-    report.reconstruction_error = _relative_error_in_place(x_hat, x0)
+def _reconstruction_problem(
+    plan: StagePlan, report: BackwardReport, x_hat: torch.Tensor, x0: torch.Tensor, whole: torch.Tensor | None = None
+) -> str | None:
+    """Report the reconstruction error (overwriting ``x_hat``); the problem if it is above a fallback's bound.
+    ``whole``: the state ``x0`` samples, so that a non-finite value outside the sample still makes it NaN."""
+    report.reconstruction_error = _relative_error_in_place(x_hat, x0, whole)
     if plan.fallback and not report.reconstruction_error <= plan.max_reconstruction_error:
+        if not math.isfinite(report.reconstruction_error):
+            return f"reconstruction error is not finite ({report.reconstruction_error}): the state it is measured at has NaN/inf values"
         return f"reconstruction error {report.reconstruction_error:.3g} > {plan.max_reconstruction_error:.3g}"
     return None
 
@@ -639,11 +645,15 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
-def _relative_error_in_place(estimate: torch.Tensor, truth: torch.Tensor) -> float:
-    """‖estimate - truth‖ / ‖truth‖, overwriting ``estimate`` (no temporary the size of a state)."""
+def _relative_error_in_place(estimate: torch.Tensor, truth: torch.Tensor, whole: torch.Tensor | None = None) -> float:
+    """‖estimate - truth‖ / ‖truth‖, overwriting ``estimate`` (no temporary the size of a state); NaN where
+    ``whole`` (the state ``truth`` is a sample of) has a non-finite value."""
     truth_norm = torch.linalg.vector_norm(truth.to(estimate.dtype) if truth.dtype != estimate.dtype else truth)
     estimate.sub_(truth)
-    return float(torch.linalg.vector_norm(estimate) / truth_norm.clamp_min(1e-30))
+    error = torch.linalg.vector_norm(estimate) / truth_norm.clamp_min(1e-30)
+    if whole is not None:
+        error = error + whole.sum() * 0  # inf·0 and NaN·0 are NaN: one read of the state, no second sync
+    return float(error)
 
 
 def _role_of(tape: Tape, kept: torch.Tensor | None) -> str:
