@@ -25,11 +25,11 @@ run: install
 test test-slow: export OMP_WAIT_POLICY ?= PASSIVE
 test test-slow: export MKL_CBWR ?= AVX2
 
-# Two worker processes of one thread each: most of a test's time is Python (dispatch, the CPU profiler that
-# measures peaks), which one process runs on one core. On 2 cores the suite took 10:51 in one process and 4:55
-# in two (measured 2026-12-07). `make test TEST_WORKERS=0` runs it in one process.
+# Two worker processes of one thread each (tests/conftest.py sets a worker's threads): most of a test's time is
+# Python (dispatch, the CPU profiler that measures peaks), which one process runs on one core. On 2 cores the
+# suite took 10:51 in one process and 4:55 in two (measured 2026-12-07). `make test TEST_WORKERS=0` runs it in
+# one process with torch's default threads.
 TEST_WORKERS ?= 2
-test: export OMP_NUM_THREADS ?= 1
 test: install
 	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS)
 
