@@ -84,6 +84,10 @@ def diagnose(model: nn.Module, batch: Any) -> list[StageDiagnosis]:
     if not stages:
         raise ValueError("no adjoint stages found: convert the model first with lightning_resode.to_adjoint(model)")
     images, targets = split_batch(batch)
+    if not bool(torch.isfinite(images).all()):
+        raise ValueError("diagnose: the images have NaN/inf values, so every figure would be NaN; give finite images")
+    if targets is not None and targets.shape[:1] != images.shape[:1]:
+        raise ValueError(f"diagnose: {images.shape[0]} images but targets of shape {tuple(targets.shape)}; give one target per image")
     policy = policy_of(model)
     if policy is not None and policy.mode == "auto" and policy.due():
         training = model.training

@@ -337,6 +337,11 @@ class StagePolicy:
     def calibrate(self, model: nn.Module, batch: Any) -> list[PolicyDecision]:
         """Measure on (a few images of) ``batch`` and set or check each stage's method; returns new decisions."""
         images, targets = split_batch(batch)
+        if targets is not None and targets.shape[:1] != images.shape[:1]:
+            raise ValueError(
+                f"calibration: {images.shape[0]} images but targets of shape {tuple(targets.shape)}; give one target "
+                "(a class index or a row of soft targets) per image"
+            )
         images = images[: self.sample_images]
         targets = None if targets is None else targets[: self.sample_images]
         if images.shape[0] < 2:

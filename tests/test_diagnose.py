@@ -69,3 +69,14 @@ def test_diagnose_calibrates_an_auto_model_first_and_says_why() -> None:
     assert all(r.reason for r in records)  # each stage's method comes with the policy's reason
     assert all(r.grad_cosine >= 0.99 for r in records), diagnose_table(records)
     assert "Why each stage uses its method" in diagnose_table(records)
+
+
+def test_a_batch_diagnose_cannot_measure_is_refused_naming_what_is_wrong():
+    model = to_adjoint(_large_residual_model(), scheme="block_fp16", check=False)
+    images, targets = _batch()
+    poisoned = images.clone()
+    poisoned[2, 1, 3, 3] = float("inf")
+    with pytest.raises(ValueError, match="NaN/inf"):
+        diagnose(model, (poisoned, targets))
+    with pytest.raises(ValueError, match=r"8 images but targets of shape \(5,\)"):
+        diagnose(model, (images, targets[:5]))

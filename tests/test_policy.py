@@ -370,3 +370,13 @@ def test_calibration_images_with_nan_are_refused_and_training_calibrates_on_the_
     assert "calibrate on the next batch" in caplog.text and not policy_of(model).decisions
     F.cross_entropy(model(images), targets).backward()
     assert [d.stage for d in policy_of(model).decisions] == ["layer1", "layer2", "layer3", "layer4"]
+
+
+def test_calibration_targets_that_do_not_match_the_images_are_named() -> None:
+    import timm
+
+    model = to_adjoint(timm.create_model("resnet18", num_classes=3).train())
+    with pytest.raises(ValueError, match=r"4 images but targets of shape \(3,\)"):
+        to_adjoint(timm.create_model("resnet18", num_classes=3).train(), calibration=(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (3,))))
+    with pytest.raises(ValueError, match=r"4 images but targets of shape \(3,\)"):
+        policy_of(model).calibrate(model, (torch.randn(4, 3, 32, 32), torch.randint(0, 3, (3,))))
