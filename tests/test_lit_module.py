@@ -16,7 +16,8 @@ from lightning_resode.lit import ResodeClassifier, SyntheticDataModule, export_t
 @pytest.mark.parametrize(
     ("kwargs", "named"),
     [({"model_name": "resnet181"}, "resnet181"), ({"stages": ["layer7"]}, "layer7"), ({"freeze": ["stem9"]}, "stem9"),
-     ({"scheme": "rk4"}, "rk4"), ({"label_smoothing": 1.5}, "1.5")],
+     ({"scheme": "rk4"}, "rk4"), ({"label_smoothing": 1.5}, "1.5"), ({"anchor_every": 0}, "model.anchor_every"),
+     ({"refine": -1}, "model.refine")],
 )
 def test_bad_arguments_fail_naming_the_value(kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match=named):
