@@ -339,6 +339,24 @@ def cache_paths(model_name: str, zero_init_last: bool, *, size: Size = "full", s
     return root / f"{stem}.safetensors", root / f"{stem}.json"
 
 
+@contextlib.contextmanager
+def _entry_lock(weights: Path) -> Iterator[None]:
+    """One process at a time trains a cache entry; the others wait, then load it (POSIX ``flock``; elsewhere each
+    trains its own copy, and the atomic writes keep the entry whole)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    with open(weights.with_name(f".{weights.stem}.lock"), "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
 def _atomic_write(path: Path, write: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -372,11 +390,14 @@ def trained_resnet(
     if not (weights.exists() and record.exists()):
         if not train_if_missing:
             raise FileNotFoundError(f"no cached fixture at {weights}; call with train_if_missing=True or run scripts/train_fixtures.py")
-        model, info = train(model_name, zero_init_last, size=size, seed=seed)
-        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-        _atomic_write(weights, lambda tmp: save_file(state, tmp))
-        # the record is written last: its presence marks a complete entry
-        _atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
+        with _entry_lock(weights):
+            # another process (a test worker, a DDP rank) may have trained it while this one waited: load that
+            if not (weights.exists() and record.exists()):
+                model, info = train(model_name, zero_init_last, size=size, seed=seed)
+                state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+                _atomic_write(weights, lambda tmp: save_file(state, tmp))
+                # the record is written last: its presence marks a complete entry
+                _atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=2) + "\n"))
     info = json.loads(record.read_text())
     model = create_untrained(model_name, zero_init_last, size=size, seed=seed)
     model.load_state_dict(load_file(str(weights)))
