@@ -93,26 +93,34 @@ def test_reconstruction_error_is_reported_when_the_input_is_kept():
     assert silent.last_backward.reconstruction_error is None and silent.last_backward.steps == 32
 
 
+@pytest.mark.parametrize("fallback", [False, True], ids=["no_fallback", "fallback"])
 @pytest.mark.parametrize("size", [32, 8], ids=["sampled", "whole"])
-def test_a_stage_with_a_head_measures_its_reconstruction_error_on_a_sample_that_agrees_with_the_whole(size):
-    """Without a fallback, the error behind an exact head is measured on every 4th row and column (x̂ is not held
-    at full size beside the head's graph); with one, on the whole state before that graph. Same weights, same
-    batch: the two must agree, and both must see a real error (trained-like large residuals). A state under 8×8
-    positions (4×4 here) is measured whole either way."""
+def test_a_stage_with_a_head_measures_its_reconstruction_error_on_a_sample_that_agrees_with_the_whole(size, fallback, monkeypatch):
+    """Behind an exact head the error is measured on every 4th row and column (x̂ is not held whole beside the
+    head's recomputation). Same weights, same batch: the sample must agree with the whole state, and both must
+    see a real error (trained-like large residuals). A state under 8×8 positions (4×4 here) is measured whole."""
     import timm
+
+    import lightning_resode.adjoint.function as engine_function
 
     torch.manual_seed(0)
     blocks = list(timm.create_model("resnet26", pretrained=False, zero_init_last=False).layer2)
     x = torch.randn(4, 256, size, size, requires_grad=True)
-    errors = {}
-    for fallback in (False, True):
+
+    def error() -> float:
         stage = AdjointSequential(blocks, "euler", exact_head=1)
         stage.fallback = fallback
         stage(x).sum().backward()
-        errors[fallback] = stage.last_backward.reconstruction_error
-    whole, sampled = errors[True], errors[False]
+        return stage.last_backward.reconstruction_error
+
+    sampled = error()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine_function, "ERROR_SAMPLE_STRIDE", 1)
+        whole = error()
     assert whole > 1e-2, whole
     assert abs(sampled - whole) < (0.2 if size == 32 else 1e-5) * whole, (sampled, whole)
+    if size == 32:
+        assert sampled != whole  # the sample is one: the test can tell
 
 
 def test_nested_adjoint_stages_are_refused_clearly():

@@ -109,9 +109,11 @@ def test_a_fallback_that_is_not_needed_holds_nothing_during_the_heads_backward()
     assert with_fallback < without + gradient_bytes / 2, (with_fallback / gradient_bytes, without / gradient_bytes)
 
 
-def test_the_reconstruction_error_behind_a_head_is_measured_without_holding_the_whole_reconstruction(monkeypatch):
-    """An adjoint stage without fallback compares x̂ with the exact head's output once the head's graph is built.
-    Held whole, x̂ would sit beside that graph, the peak of an ODE-like resnet50; only a 1/16 sample of it may."""
+@pytest.mark.parametrize("fallback", [False, True], ids=["no_fallback", "fallback"])
+def test_the_reconstruction_error_behind_a_head_is_measured_without_holding_the_whole_reconstruction(monkeypatch, fallback):
+    """An adjoint stage compares x̂ with the exact head's output: without a fallback once the head's graph is
+    built, with one before, after a forward of the head without a graph. Held whole, x̂ would sit beside either
+    (the peak of an ODE-like resnet50 without a fallback, and with one); only a 1/16 sample of it may."""
     import timm
 
     import lightning_resode.adjoint.function as engine_function
@@ -122,6 +124,7 @@ def test_the_reconstruction_error_behind_a_head_is_measured_without_holding_the_
     x = torch.randn(8, 256, 28, 28, requires_grad=True)
     weight = torch.randn(8, 512, 14, 14)
     stage = AdjointSequential(blocks, exact_head=1).configure(method="euler_fast", store_every=None)
+    stage.fallback = fallback
 
     def working_set() -> int:
         (stage(x) * weight).sum().backward()
@@ -135,7 +138,7 @@ def test_the_reconstruction_error_behind_a_head_is_measured_without_holding_the_
         whole = working_set()
     assert stage.last_backward.reconstruction_error is not None
     state_bytes = weight.numel() * weight.element_size()
-    assert sampled <= whole - 0.6 * state_bytes, (sampled / state_bytes, whole / state_bytes)
+    assert sampled <= whole - 0.4 * state_bytes, (sampled / state_bytes, whole / state_bytes)
 
 
 def test_a_downsampling_heads_backward_keeps_the_strided_shortcut_small(monkeypatch):

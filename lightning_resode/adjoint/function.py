@@ -452,9 +452,11 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     if problem is None and head and plan.gradient == "adjoint" and plan.fallback and x_in is not None:
         # whether the fallback is needed is known before the head's graph is built (one head forward without a
         # graph): the incoming gradient it would restart from, and x̂, are freed first, not held beside that graph
+        if x_hat is not None and _error_sample(x_hat) is not x_hat:
+            x_hat = _error_sample(x_hat).clone()  # nor is the whole x̂ held beside the head's forward
         with torch.no_grad(), tape.recomputing(tape.head_blocks(), {}):
             x0 = tape.run_head(x_in, "exact")
-        problem = _reconstruction_problem(plan, report, x_hat, x0)
+        problem = _reconstruction_problem(plan, report, x_hat, _error_sample(x0), x0)
         del x0
         x_hat = None
     x_leaf = x0 = None

@@ -17,8 +17,8 @@ class BackwardReport:
     gradient: str
     steps: int
     block_forwards: int
-    #: ‖x̂_0 - x_0‖ / ‖x_0‖ at the input of the reconstructed part; None when x_0 was not kept. Behind an exact head
-    #: without a fallback, measured on every 4th row and column (all images and channels) of states of 8×8 positions or more
+    #: ‖x̂_0 - x_0‖ / ‖x_0‖ at the input of the reconstructed part; None when x_0 was not kept. Behind an exact head,
+    #: measured on every 4th row and column (all images and channels) of states of 8×8 positions or more
     reconstruction_error: float | None = None
     anchor_count: int = 0
     #: the approximate gradient was replaced by an exact recomputation (see ``AdjointSequential.fallback``)

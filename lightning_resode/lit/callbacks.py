@@ -274,8 +274,8 @@ class GradientFidelity(pl.Callback):
 class ReconstructionMonitor(pl.Callback):
     """Logs each stage's relative reconstruction error ``adjoint/recon_error/<stage>`` from its last backward.
 
-    Stages with a shape-changing head (most timm stages) measure it for free (without a fallback armed, on every
-    4th row and column of the state: ``BackwardReport.reconstruction_error``); ``keep_input=True`` makes the
+    Stages with a shape-changing head (most timm stages) measure it for free (on every 4th row and column of the
+    state: ``BackwardReport.reconstruction_error``); ``keep_input=True`` makes the
     others keep their input too (one extra boundary activation per stage) so every stage reports.
     """
 
