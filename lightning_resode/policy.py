@@ -303,8 +303,10 @@ class StagePolicy:
                 if self.mode == "check":
                     self._warn_unverified(sorted(self._approximate_stages()), "batches of 1 image (a measurement needs 2)")
                 return
-            if self.mode != "check" and not bool(torch.isfinite(images[: self.sample_images]).all()):
+            # (under DDP every rank must join the leader's calibration: there the leader's own check raises)
+            if self.mode != "check" and self.sync is None and not bool(torch.isfinite(images[: self.sample_images]).all()):
                 log.warning("the batch has NaN/inf values: the stages keep their methods and calibrate on the next batch")
+                self._pending.update(name for name in self.stages if name not in self.pinned)
                 self.step += 1
                 return
             self.calibrate(model, batch)
@@ -359,7 +361,7 @@ class StagePolicy:
                 if unmeasured and self._checked:
                     self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)")
             else:
-                if not bool(torch.isfinite(images).all()):
+                if self.leader and not bool(torch.isfinite(images).all()):
                     raise ValueError(
                         "the calibration images have NaN/inf values: a gradient measured on them says nothing about "
                         "the methods; calibrate on finite images"

@@ -200,3 +200,26 @@ def test_a_non_finite_value_outside_the_error_sample_still_makes_the_error_nan()
         assert report.reconstruction_error != report.reconstruction_error, (fallback, report)  # NaN
         if fallback:
             assert report.fell_back and "not finite" in report.fallback_reason
+
+
+@pytest.mark.parametrize("option", [{"anchor_every": 1.5}, {"anchor_every": 2.0}, {"refine": 0.5}, {"refine": True}])
+def test_reconstruction_options_that_are_not_whole_numbers_are_refused_when_set(option):
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"{name} must be .*{value!r}"):
+        AdjointSequential(smooth_blocks(2), "euler", **option)
+
+
+def test_a_float16_stage_with_a_healthy_state_is_not_taken_for_diverged():
+    """A float16 state's own float16 sum passes 65504 on healthy values (found by a new-user review: `.half()`
+    training raised 'the training had already diverged'); the finiteness checks sum in float32."""
+    import timm
+
+    torch.manual_seed(0)
+    blocks = [b.half() for b in timm.create_model("resnet18", pretrained=False, zero_init_last=False).layer2]
+    x = (torch.rand(8, 64, 32, 32) * 2).half().requires_grad_()
+    assert torch.isinf(x.sum())  # the test's premise: a float16 sum of this healthy state overflows
+    stage = AdjointSequential(blocks, "euler_fast", exact_head=1)
+    stage.fallback = True
+    stage(x).float().sum().backward()
+    assert not stage.last_backward.fell_back, stage.last_backward.fallback_reason
+    assert bool(torch.isfinite(x.grad).all())

@@ -370,6 +370,12 @@ def test_calibration_images_with_nan_are_refused_and_training_calibrates_on_the_
     assert "calibrate on the next batch" in caplog.text and not policy_of(model).decisions
     F.cross_entropy(model(images), targets).backward()
     assert [d.stage for d in policy_of(model).decisions] == ["layer1", "layer2", "layer3", "layer4"]
+    # a scheduled recheck that meets such a batch is not lost: it runs on the next one
+    policy = policy_of(model)
+    policy.step = 10
+    assert policy.due()
+    model(poisoned)
+    assert policy.due(), policy.step
 
 
 def test_calibration_targets_that_do_not_match_the_images_are_named() -> None:

@@ -241,11 +241,11 @@ class StageExit(torch.autograd.Function):
         if plan.fallback and not (plan.gradient == "block" and _stored_inputs_fit(tape)):
             relay.grad_out = grad  # the exact fallback restarts from the stage's incoming gradient
         if plan.check_finite and (plan.gradient == "adjoint" or tape.stored_finite):
-            relay.grad_out_finite = torch.isfinite(grad.sum())
+            relay.grad_out_finite = torch.isfinite(_wide_sum(grad))
         if x_out is not None:
             relay.state = x_out.to(_work_dtype(x_out.dtype))
             relay.top_increment = top_increment
-            relay.output_finite = torch.isfinite(x_out.sum()) if plan.check_finite else None
+            relay.output_finite = torch.isfinite(_wide_sum(x_out)) if plan.check_finite else None
         return None, _placeholder_like(grad), None, None
 
 
@@ -353,7 +353,7 @@ def _adjoint_step(tape: Tape, s: int, below: torch.Tensor | None) -> torch.Tenso
     if tape.plan.check_finite:
         # A sum is non-finite iff some entry is (or it overflows, which is as bad): one cheap pass each.
         # Parameter gradients are products of these two and finite weights, so checking them adds nothing.
-        relay.finite_flags.append(torch.isfinite(x_s.sum() + grad_x.sum() if want_x else x_s.sum()))
+        relay.finite_flags.append(torch.isfinite(_wide_sum(x_s) + _wide_sum(grad_x) if want_x else _wide_sum(x_s)))
     relay.state, relay.cache = x_s, cache
     return grad_x
 
@@ -647,6 +647,12 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
+def _wide_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of a state, finite iff every entry is: a float16 state is summed in float32 (a healthy one's float16
+    sum passes 65504 and reads as an overflow)."""
+    return x.sum(dtype=torch.float32) if x.dtype == torch.float16 else x.sum()
+
+
 def _relative_error_in_place(estimate: torch.Tensor, truth: torch.Tensor, whole: torch.Tensor | None = None) -> float:
     """‖estimate - truth‖ / ‖truth‖, overwriting ``estimate`` (no temporary the size of a state); NaN where
     ``whole`` (the state ``truth`` is a sample of) has a non-finite value."""
@@ -654,7 +660,7 @@ def _relative_error_in_place(estimate: torch.Tensor, truth: torch.Tensor, whole:
     estimate.sub_(truth)
     error = torch.linalg.vector_norm(estimate) / truth_norm.clamp_min(1e-30)
     if whole is not None:
-        error = error + whole.sum() * 0  # inf·0 and NaN·0 are NaN: one read of the state, no second sync
+        error = error + _wide_sum(whole) * 0  # inf·0 and NaN·0 are NaN: one read of the state, no second sync
     return float(error)
 
 

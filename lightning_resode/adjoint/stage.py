@@ -186,9 +186,9 @@ class AdjointSequential(nn.Module):
             raise ValueError(f"block_dtype must be a floating torch.dtype or None, got {block_dtype!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; valid: {list(GRADIENTS)}")
-        if refine < 0:
-            raise ValueError(f"refine must be >= 0, got {refine}")
-        if anchor_every is not None and anchor_every < 1:
+        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
+            raise ValueError(f"refine must be >= 0 (a whole number of iterations), got {refine!r}")
+        if anchor_every is not None and (isinstance(anchor_every, bool) or not isinstance(anchor_every, int) or anchor_every < 1):
             raise ValueError(f"anchor_every must be a positive number of steps or None, got {anchor_every}")
         if top_step_dtype is not None and not (isinstance(top_step_dtype, torch.dtype) and top_step_dtype.is_floating_point):
             raise ValueError(f"top_step_dtype must be a floating torch.dtype or None, got {top_step_dtype!r}")
