@@ -15,6 +15,7 @@ also the plain full-batch gradient, which the test checks too.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -264,3 +265,16 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     _train(parser.parse_args().out)
+
+
+def test_a_nan_batch_on_one_rank_leaves_every_rank_in_step_with_rank_zeros_decisions(tmp_path: Path) -> None:
+    """Found by a new-user review: a rank that skipped the calibration for its NaN batch alone left rank 0 in the
+    broadcast of the decisions, and the run died. No rank skips alone: both finish with rank 0's methods."""
+    script = Path(__file__).with_name("ddp_policy_nan_batch.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(_free_port()), str(tmp_path)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1] and ranks[0]["failure"] is None, ranks
