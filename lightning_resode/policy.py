@@ -403,7 +403,7 @@ class StagePolicy:
                 decided[name] = decision
                 error = decision.reconstruction_error
                 if error is not None and math.isfinite(error) and get_method(decision.method).gradient == "adjoint":
-                    bounds[name] = max(ERROR_GROWTH * decision.reconstruction_error, ERROR_FLOOR)
+                    bounds[name] = max(ERROR_GROWTH * error, ERROR_FLOOR)
         if self.backprop_where_free:
             with side_effect_free(model):
                 for decision in self._backprop_where_free(model, images, chosen):

@@ -449,20 +449,18 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     x_hat, relay.state = relay.state, None
     problem = _non_finite_problem(tape, x_in)
     head = stage.exact_head > 0
+    if head and x_hat is not None and _error_sample(x_hat) is not x_hat:
+        x_hat = _error_sample(x_hat).clone()  # the whole x̂ is not held beside the head's recomputation, graph or not
     if problem is None and head and plan.gradient == "adjoint" and plan.fallback and x_in is not None:
         # whether the fallback is needed is known before the head's graph is built (one head forward without a
         # graph): the incoming gradient it would restart from, and x̂, are freed first, not held beside that graph
-        if x_hat is not None and _error_sample(x_hat) is not x_hat:
-            x_hat = _error_sample(x_hat).clone()  # nor is the whole x̂ held beside the head's forward
         with torch.no_grad(), tape.recomputing(tape.head_blocks(), {}):
             x0 = tape.run_head(x_in, "exact")
-        problem = _reconstruction_problem(plan, report, x_hat, _error_sample(x0), x0)
+        problem = _reconstruction_problem(plan, report, x_hat, x0)
         del x0
         x_hat = None
     x_leaf = x0 = None
     shortcuts: list[tuple[torch.Tensor, tuple[int, int]]] = []
-    if head and x_hat is not None and _error_sample(x_hat) is not x_hat:
-        x_hat = _error_sample(x_hat).clone()  # the full-size x̂ is not held beside the head's graph
     if head:
         indices = tape.binding.params_of(tape.head_blocks())
         leaves = tape.binding.leaves(indices)
@@ -474,7 +472,7 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     else:
         x0 = x_in
     if problem is None and plan.gradient == "adjoint" and x0 is not None and x_hat is not None:
-        problem = _reconstruction_problem(plan, report, x_hat, _error_sample(x0.detach()) if head else x0.detach(), x0.detach() if head else None)
+        problem = _reconstruction_problem(plan, report, x_hat, x0.detach())
     del x_hat
     if problem is None:
         relay.grad_out = None  # the fallback is not needed: the head's VJP below runs without it
@@ -556,19 +554,21 @@ ERROR_SAMPLE_STRIDE = 4
 def _error_sample(state: torch.Tensor) -> torch.Tensor:
     """Every ``ERROR_SAMPLE_STRIDE``-th row and column of an image-shaped state (all images and channels), on which
     the reconstruction error is measured where x̂ would otherwise be held at full size beside the exact head's
-    recomputation graph: that graph's peak then holds 1/16 of x̂ (resnet50's ODE-like peak is set there). States
-    smaller than 8×8 positions are measured whole: they cost little, and a sample of them would be a few corners."""
+    recomputation: its peak then holds 1/16 of x̂ (resnet50's ODE-like peak is set there). States smaller than 8×8
+    positions are returned whole: they cost little, and a sample of them would be a few corners."""
     if state.dim() != 4 or min(state.shape[-2:]) < 2 * ERROR_SAMPLE_STRIDE:
         return state
     return state[..., ::ERROR_SAMPLE_STRIDE, ::ERROR_SAMPLE_STRIDE]
 
 
-def _reconstruction_problem(
-    plan: StagePlan, report: BackwardReport, x_hat: torch.Tensor, x0: torch.Tensor, whole: torch.Tensor | None = None
-) -> str | None:
-    """Report the reconstruction error (overwriting ``x_hat``); the problem if it is above a fallback's bound.
-    ``whole``: the state ``x0`` samples, so that a non-finite value outside the sample still makes it NaN."""
-    report.reconstruction_error = _relative_error_in_place(x_hat, x0, whole)
+def _reconstruction_problem(plan: StagePlan, report: BackwardReport, x_hat: torch.Tensor, x0: torch.Tensor) -> str | None:
+    """Report the reconstruction error (overwriting ``x_hat``, which may be ``_error_sample`` of the state: ``x0``,
+    always whole, is then sampled alike, and a non-finite value outside the sample still makes the error NaN); the
+    problem if it is above a fallback's bound."""
+    sampled = x_hat.shape != x0.shape
+    report.reconstruction_error = _relative_error_in_place(
+        x_hat, _error_sample(x0) if sampled else x0, x0 if sampled else None
+    )
     if plan.fallback and not report.reconstruction_error <= plan.max_reconstruction_error:
         if not math.isfinite(report.reconstruction_error):
             return f"reconstruction error is not finite ({report.reconstruction_error}): the state it is measured at has NaN/inf values"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -26,6 +26,20 @@ GRADIENTS: tuple[str, ...] = ("adjoint", "block", "checkpoint", "backprop")
 #: BatchNorm that recomputes a k×k convolution's output in its backward instead of saving it (k² products per
 #: output value: the costliest of the forms, for the least memory where the convolution is strided)
 LEAN_PARTS = ("head", "head_recompute", "steps")
+
+
+def check_reconstruction_options(refine: Any, anchor_every: Any, prefix: str = "") -> None:
+    """Refuse a ``refine`` or ``anchor_every`` a stage cannot run, naming it (``prefix``: e.g. the CLI's
+    ``model.``); a float or bool would pass a range check and fail at the first backward."""
+    def whole(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    if not whole(refine) or refine < 0:
+        raise ValueError(f"{prefix}refine must be >= 0 (a whole number of Richardson iterations per reconstruction), got {refine!r}")
+    if anchor_every is not None and (not whole(anchor_every) or anchor_every < 1):
+        raise ValueError(
+            f"{prefix}anchor_every must be a positive whole number of steps (keep the exact state every K steps) or None, got {anchor_every!r}"
+        )
 
 
 class AdjointSequential(nn.Module):
@@ -186,10 +200,7 @@ class AdjointSequential(nn.Module):
             raise ValueError(f"block_dtype must be a floating torch.dtype or None, got {block_dtype!r}")
         if gradient not in GRADIENTS:
             raise ValueError(f"unknown gradient {gradient!r}; valid: {list(GRADIENTS)}")
-        if isinstance(refine, bool) or not isinstance(refine, int) or refine < 0:
-            raise ValueError(f"refine must be >= 0 (a whole number of iterations), got {refine!r}")
-        if anchor_every is not None and (isinstance(anchor_every, bool) or not isinstance(anchor_every, int) or anchor_every < 1):
-            raise ValueError(f"anchor_every must be a positive number of steps or None, got {anchor_every}")
+        check_reconstruction_options(refine, anchor_every)
         if top_step_dtype is not None and not (isinstance(top_step_dtype, torch.dtype) and top_step_dtype.is_floating_point):
             raise ValueError(f"top_step_dtype must be a floating torch.dtype or None, got {top_step_dtype!r}")
         if store_every not in (None, "auto") and not (isinstance(store_every, int) and not isinstance(store_every, bool) and store_every >= 1):

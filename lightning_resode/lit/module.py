@@ -30,6 +30,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from .. import ode_resnet as _ode_resnet  # noqa: F401  (registers the "ode_resnet" timm model)
 from ..adjoint import AdjointSequential
+from ..adjoint.stage import check_reconstruction_options
 from ..adjoint.methods import METHODS, get_method
 from ..convert import adjoint_stages, policy_of, supported_stage_names, to_adjoint
 from ..policy import AUTO_CANDIDATES, StagePolicy, check_policy_options
@@ -240,10 +241,7 @@ class ResodeClassifier(pl.LightningModule):
             raise ValueError(f"num_classes must be >= 2 (a classifier with one class has nothing to learn), got {num_classes}")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if refine < 0:
-            raise ValueError(f"model.refine must be >= 0 (Richardson iterations per reconstruction), got {refine}")
-        if anchor_every is not None and anchor_every < 1:
-            raise ValueError(f"model.anchor_every must be >= 1 (keep the exact state every K steps) or null (no anchors), got {anchor_every}")
+        check_reconstruction_options(refine, anchor_every, prefix="model.")
         if mixup_alpha < 0 or cutmix_alpha < 0:
             raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0, got {mixup_alpha} and {cutmix_alpha}")
         self.model = _build_timm_model(model_name, pretrained and weights_file is None, num_classes, model_kwargs or {})
