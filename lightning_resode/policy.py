@@ -18,7 +18,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    batch and on two pairs of its images (an epoch's last batch can be that small), so it needs at least 4
    calibration images. A method the engine would
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
-   ``block`` (exact) always qualifies. With ``backprop_where_free``, then, from the output side down, a stage runs
+   ``block`` (exact) always qualifies. At a recheck whose images are too few to measure the approximation a stage
+   runs (an epoch's last batch of 2), the stage keeps it (the engine runs it exactly on such a batch anyway). With ``backprop_where_free``, then, from the output side down, a stage runs
    plain backprop where that does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
    before the larger stages below start their backward): no recomputation there, for no memory. Last, from the
    output side down, a stage recomputes with autograd's own graph instead of the engine's leaner one
@@ -207,6 +208,10 @@ class StagePolicy:
     #: check mode: batches tried so far, and whether the user was told a stage could not be verified
     _check_attempts: int = 0
     _warned_unverified: bool = False
+    #: check mode: the stages measured so far (a retry measures only the others), and those no batch could measure
+    _check_measured: set[str] = field(default_factory=set)
+    _unverified: set[str] = field(default_factory=set)
+    _rearms: int = 0
     #: the last ``_backprop_where_free`` measurement, by what it depended on
     _free_backprop: dict = field(default_factory=dict)
     #: the last ``_plain_graphs_where_free`` measurement, by what it depended on
@@ -313,8 +318,17 @@ class StagePolicy:
         self.step += 1
 
     def _on_report(self, stage: AdjointSequential, report: BackwardReport) -> None:
-        if report.fell_back and (report.plan is None or not report.plan.measurement):
+        if report.plan is not None and report.plan.measurement:
+            return
+        if report.fell_back:
             self._on_fallback(stage, report.fallback_reason or "exact fallback")
+        if self.mode == "check" and self._checked and self._unverified and report.plan is not None and report.plan.method == stage.method:
+            name = next((n for n, s in self.stages.items() if s is stage), None)
+            if name in self._unverified and self._rearms < MAX_CHECK_ATTEMPTS:  # a batch large enough to run it came
+                self._rearms += 1
+                log.info("stage %s ran %s for the first time: its gradient is checked on the next batch", name, stage.method)
+                self._checked = False
+                self._check_attempts = MAX_CHECK_ATTEMPTS - 1
 
     def pin(self, name: str, method: str, reason: str) -> None:
         """Fix stage ``name`` to ``method`` from now on (auto no longer measures it), recorded as a decision."""
@@ -344,8 +358,11 @@ class StagePolicy:
                 f"calibration: {images.shape[0]} images but targets of shape {tuple(targets.shape)}; give one target "
                 "(a class index or a row of soft targets) per image"
             )
-        images = images[: self.sample_images]
-        targets = None if targets is None else targets[: self.sample_images]
+        # a check re-armed because a stage first ran its method on a batch this size measures it on the whole batch:
+        # a sample of it may be too small to run the method again
+        sample = images.shape[0] if self.mode == "check" and self._unverified else self.sample_images
+        images = images[:sample]
+        targets = None if targets is None else targets[:sample]
         if images.shape[0] < 2:
             raise ValueError(f"calibration needs at least 2 images (BatchNorm), got {images.shape[0]}")
         if targets is not None and (targets.dim() != 1 or targets.dtype.is_floating_point):
@@ -359,7 +376,8 @@ class StagePolicy:
                 self._check_attempts += 1
                 self._checked = not unmeasured or self._check_attempts >= MAX_CHECK_ATTEMPTS
                 if unmeasured and self._checked:
-                    self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)")
+                    self._unverified = set(unmeasured)
+                    self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)", exact_now=True)
             else:
                 if self.leader and not bool(torch.isfinite(images).all()):
                     raise ValueError(
@@ -480,10 +498,33 @@ class StagePolicy:
         self._candidate_order = (key, tuple(ordered), peaks)
         return tuple(ordered)
 
+    def _kept_unmeasurable(self, name: str, images: torch.Tensor, values: int | None) -> PolicyDecision | None:
+        """At a recheck whose images are too few to measure the approximation a stage runs (an epoch's last batch of
+        2): that method, as measured before, instead of falling back to exact storage until the next recheck. The
+        engine runs it exactly on such a small batch anyway, and larger batches keep what a larger one measured."""
+        previous = next((d for d in reversed(self.decisions) if d.stage == name), None)
+        if previous is None or previous.method != self.stages[name].method or get_method(previous.method).exact:
+            return None
+        spec = get_method(previous.method)
+        needed = min_values_per_channel(spec.gradient, spec.block_dtype)
+        if values is not None and values < needed:
+            why = f"{values} values per BatchNorm channel here (< {needed})"
+        elif spec.gradient == "adjoint" and images.shape[0] < 4:
+            why = f"{images.shape[0]} images (its halves and pairs need 4)"
+        else:
+            return None
+        marker = f"{previous.method}: kept, "
+        measured = previous.reason.split(" | measured: ", 1)[-1] if previous.reason.startswith(marker) else previous.reason
+        reason = f"{marker}the recheck's images give {why}, too few to measure it again | measured: {measured}"
+        return replace(previous, step=self.step, reason=reason)
+
     def _choose_stage(self, model, name, images, targets, params, exact, chosen, values, subsets, candidates) -> PolicyDecision:  # noqa: ANN001
         """The first candidate (least peak first) whose gradient holds for stage ``name``, the stages above it using
         what they were given (``chosen``), those below the exact method."""
         stage = self.stages[name]
+        kept = self._kept_unmeasurable(name, images, values)
+        if kept is not None:
+            return kept
         if values is not None and values < MIN_VALUES_PER_CHANNEL:
             # the engine runs every method exactly there (see MIN_VALUES_PER_CHANNEL): nothing to measure, and
             # a larger training batch would use an approximation this calibration never saw
@@ -685,16 +726,21 @@ class StagePolicy:
     def _approximate_stages(self) -> list[str]:
         return [name for name, stage in self.stages.items() if not get_method(stage.method).exact]
 
-    def _warn_unverified(self, names: list[str], why: str) -> None:
-        """Once per run: an explicit approximate scheme whose gradient nothing measured is a promise we cannot keep."""
+    def _warn_unverified(self, names: list[str], why: str, exact_now: bool = False) -> None:
+        """Once per run: an explicit approximate scheme whose gradient nothing measured is a promise we cannot keep.
+        ``exact_now``: the stages ran exactly on those batches (too few values per channel for their method)."""
         if self._warned_unverified or not names:
             return
         self._warned_unverified = True
         methods = sorted({self.stages[name].method for name in names})
         others = _stored_input_methods_other_than(methods)
+        outcome = (
+            "on batches that small they run exactly (their inputs stored in full), and the first batch large enough "
+            "to run the method is followed by a check on the next one" if exact_now else "they train unverified"
+        )
         warnings.warn(
             f"stage(s) {names}: the gradient of the explicit scheme(s) {methods} could not be checked against exact "
-            f"backprop on {why}; they train unverified. Use scheme='auto', a stored-input method ({others}), or "
+            f"backprop on {why}; {outcome}. Use scheme='auto', a stored-input method ({others}), or "
             "larger batches",
             UserWarning,
             stacklevel=3,
@@ -704,7 +750,8 @@ class StagePolicy:
         """Decisions for the explicit approximate stages, and the stages whose method did not really run (a stage
         whose BatchNorm sees too few values here runs exactly: it is checked again on the next batch)."""
         params = unique_params(model)
-        stages = {n: s for n, s in self.stages.items() if not get_method(s.method).exact}
+        # a retry measures only the stages no earlier batch could (no second warning for one already measured)
+        stages = {n: s for n, s in self.stages.items() if not get_method(s.method).exact and n not in self._check_measured}
         new: list[PolicyDecision] = []
         if not stages:
             return new, []
@@ -748,6 +795,8 @@ class StagePolicy:
             else:
                 log.info("stage %s: %s", name, reason)
         measured = [d for d in new if d.stage in stages]
+        self._check_measured.update(stages)
+        self._unverified -= set(stages)
         if grads is not None and measured and not min(d.model_grad_cosine for d in measured) >= self.min_cosine:
             warnings.warn(
                 f"the whole model's gradient cosine against exact backprop is {measured[0].model_grad_cosine:.4f} on "
@@ -768,6 +817,7 @@ class StagePolicy:
             "step": self.step,
             "pending": sorted(self._pending),
             "checked": self._checked,
+            "unverified": sorted(self._unverified),
             "pinned": dict(self.pinned),
         }
 
@@ -784,6 +834,9 @@ class StagePolicy:
         self.step = int(state.get("step", 0))
         self._pending = set(state.get("pending", [])) & set(self.stages)
         self._checked = bool(state.get("checked", False))
+        self._unverified = set(state.get("unverified", [])) & set(self.stages)
+        if self._checked:  # a check re-armed after resuming measures only the stages no batch could measure
+            self._check_measured = set(self._approximate_stages()) - self._unverified
         self.pinned = {n: m for n, m in state.get("pinned", {}).items() if n in self.stages}
         for name, method in self.pinned.items():
             self._apply(name, method, lean_graphs=tuple(lean_graphs.get(name, LEAN_PARTS)))

@@ -98,6 +98,60 @@ def test_stages_too_small_to_measure_are_reported_unverified_once_and_not_remeas
     assert policy._check_attempts == MAX_CHECK_ATTEMPTS and not policy.due()
 
 
+def test_an_explicit_check_warns_once_per_stage_and_checks_a_stage_the_first_time_it_runs_its_method(trained_small, data) -> None:
+    """euler_fast at 16 images of 32²: layer4 (1×1) holds 16 values per BatchNorm channel, too few to run the
+    method, so it runs exactly. The check retried all stages on every attempt (each 'gradients are wrong' warning
+    three times), then said the stage 'trains unverified' though it ran exactly; a larger batch then ran the method
+    with nothing measuring it."""
+    from lightning_resode.policy import MAX_CHECK_ATTEMPTS
+
+    model = to_adjoint(copy.deepcopy(trained_small("resnet50", False).model), scheme="euler_fast")
+    policy = policy_of(model)
+    messages = _training_warnings(model, data, batch=16, steps=MAX_CHECK_ATTEMPTS + 1)
+    wrong = [m.split(":")[0] for m in messages if "its gradients are wrong" in m]
+    assert wrong and len(wrong) == len(set(wrong)), messages  # each stage found wrong is said once
+    unverified = [m for m in messages if "could not be checked" in m]
+    assert len(unverified) == 1 and "['layer4']" in unverified[0] and "run exactly" in unverified[0], messages
+    assert not policy.due()
+    # 64 images: layer4 now runs euler_fast, and the next batch checks it (and only it)
+    images, targets = data.train_images[:128], data.train_labels[:128]
+    _grad(model, images[:64], targets[:64])
+    assert model.layer4.last_backward.method == "euler_fast" and policy.due()
+    _grad(model, images[64:], targets[64:])
+    assert not policy.due()
+    checked = [d for d in policy.decisions if d.step == policy.step - 1]
+    assert [d.stage for d in checked] == ["layer4"] and checked[0].grad_cosine == checked[0].grad_cosine, checked  # measured: not NaN
+
+
+def test_a_recheck_on_a_batch_too_small_to_measure_keeps_what_a_larger_one_measured(trained_small, data) -> None:
+    """An epoch's last batch of 2 images landing on a scheduled recheck gave every stage it could not measure exact
+    float32 storage, for every full batch until the next recheck (+20 % kept at rest on this fixture, measured by
+    a new user's plain loop with drop_last=False)."""
+    from lightning_resode import saved_activation_bytes
+
+    images, targets = data.train_images, data.train_labels
+    small = (images[40:42], targets[40:42])
+    model = to_adjoint(copy.deepcopy(trained_small("resnet50", False).model), calibration=(images[:32], targets[:32]))
+    policy = policy_of(model)
+    measured = policy.methods()
+    # the stages a batch of 32 measures as 16-bit storage that a batch of 2 cannot measure (from scratch: exact)
+    fresh = policy_of(to_adjoint(copy.deepcopy(trained_small("resnet50", False).model), calibration=small)).methods()
+    unmeasurable = [name for name, method in measured.items() if method != "block" and fresh[name] == "block"]
+    assert unmeasurable, (measured, fresh)
+
+    def kept_at_rest() -> int:
+        policy.external = True  # a measured forward, not a calibration
+        try:
+            return saved_activation_bytes(model, lambda: model(images[200:232]))
+        finally:
+            policy.external = False
+
+    before = kept_at_rest()
+    policy.calibrate(model, small)  # the recheck
+    assert policy.methods() == measured, (policy.methods(), measured)
+    assert kept_at_rest() == before
+
+
 def test_calibration_leaves_the_model_as_it_was(trained_small, data) -> None:
     model = to_adjoint(trained_small("resnet50", False).model)
     before = copy.deepcopy(model.state_dict())
