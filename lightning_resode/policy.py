@@ -88,6 +88,19 @@ EARLY_RECHECKS = (1, 10, 100)
 MAX_CHECK_ATTEMPTS = 3
 
 
+def _check_images(model: nn.Module, images: torch.Tensor) -> None:
+    """Images the model's first convolution cannot take, named before a calibration slices them (torch's own error
+    then quotes a half batch the user never passed)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if first is None:
+        return
+    if images.dim() != 4 or images.shape[1] != first.in_channels:
+        raise ValueError(
+            f"images of shape {tuple(images.shape)}: this model takes (batch, {first.in_channels}, height, width) "
+            f"images (its first convolution has {first.in_channels} input channels)"
+        )
+
+
 def _worst(a: float, b: float) -> float:
     """The lower of two cosines, NaN if either is (``min(1.0, nan)`` is 1.0: a probe whose gradients overflowed
     would pass)."""
@@ -303,6 +316,7 @@ class StagePolicy:
         if images.shape[0] == 0:
             return  # an empty batch trains nothing
         if self.due():
+            _check_images(model, images)
             if images.shape[0] < 2:
                 # BatchNorm needs two images to measure: stay as is (exact before the first calibration)
                 if self.mode == "check":
@@ -353,11 +367,20 @@ class StagePolicy:
     def calibrate(self, model: nn.Module, batch: Any) -> list[PolicyDecision]:
         """Measure on (a few images of) ``batch`` and set or check each stage's method; returns new decisions."""
         images, targets = split_batch(batch)
+        _check_images(model, images)
         if targets is not None and targets.shape[:1] != images.shape[:1]:
             raise ValueError(
                 f"calibration: {images.shape[0]} images but targets of shape {tuple(targets.shape)}; give one target "
                 "(a class index or a row of soft targets) per image"
             )
+        classes = getattr(model, "num_classes", None)
+        if targets is not None and not targets.dtype.is_floating_point and targets.dim() == 1 and isinstance(classes, int) and classes > 0 and targets.numel():
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= classes:
+                raise ValueError(
+                    f"calibration: target {high if high >= classes else low} is not a class index of this model "
+                    f"(num_classes={classes}: 0 to {classes - 1})"
+                )
         # a check re-armed because a stage first ran its method on a batch this size measures it on the whole batch:
         # a sample of it may be too small to run the method again
         sample = images.shape[0] if self.mode == "check" and self._unverified else self.sample_images

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Step time of the default (``scheme="auto"``) converted resnet50 as a ratio to plain backprop.
+"""Step time of the default (``scheme="auto"``) converted timm ResNet (resnet50 unless ``--model``) as a ratio to plain backprop.
 
     python scripts/step_time_default.py                       # resnet50, 8 x 128², 9 pairs, both inits
     python scripts/step_time_default.py --model resnet200 --pairs 5
@@ -14,7 +14,7 @@ MiB per image (``peak_per_image``) at that resolution, so each saving of memory 
   engine's leaner recomputation graphs cost where the policy kept them;
 - ``stem kept``: the stem runs plain backprop (its activations kept) instead of recomputing from the image;
 - ``every input kept``: ``store_every=None`` on every stage: no deep stage re-runs its runs of steps (on
-  resnet50 no stage has runs, so this is the default itself);
+  resnet50 no stage has runs, so this is the default itself, and the two differ only by the timing's noise);
 - ``float32 inputs``: the stages storing 16-bit inputs store them in float32 (``block``): the 16-bit conversions.
 
 The ratio is what to compare between two versions of the engine (run this script with each on the same
@@ -96,7 +96,7 @@ def measure(model_name: str, batch: int, size: int, pairs: int, zero_init_last: 
     if peak_size is not None:
         from lightning_resode.measure import peak_per_image
 
-        for name, model in {"default": converted, **variants, "timm checkpointing": checkpointed}.items():
+        for name, model in {"default": converted, **variants, "timm checkpointing": checkpointed, "backprop": plain}.items():
             peaks[name] = peak_per_image(model, lambda b: torch.randn(b, 3, peak_size, peak_size)).mib_per_image
     return {
         "variant_ratio_medians": {name: statistics.median(r) for name, r in variant_ratios.items()},
@@ -111,16 +111,19 @@ def measure(model_name: str, batch: int, size: int, pairs: int, zero_init_last: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--pairs", type=int, default=9)
+    parser.add_argument("--model", default="resnet50", help="a timm ResNet name (random init, nothing downloaded)")
+    parser.add_argument("--batch", type=int, default=8, help="images per timed step (>= 2: calibration needs two)")
+    parser.add_argument("--size", type=int, default=128, help="image side of the timed steps")
+    parser.add_argument("--pairs", type=int, default=9, help="interleaved timed rounds after two warm-up rounds (>= 1)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--breakdown", action="store_true", help="also time the default with each of its choices undone")
     parser.add_argument("--peak-size", type=int, help="also measure each timed model's peak MiB per image at this size")
     parser.add_argument("--inits", nargs="+", choices=("large", "zero"), default=("large", "zero"),
                         help="residual branches as large as a trained checkpoint's (zero_init_last=False) and/or timm's zero-init")
     args = parser.parse_args()
+    if args.batch < 2 or args.pairs < 1 or args.size < 32 or (args.peak_size is not None and args.peak_size < 32):
+        parser.error(f"--batch must be >= 2, --pairs >= 1, --size and --peak-size >= 32; got --batch {args.batch}, "
+                     f"--pairs {args.pairs}, --size {args.size}, --peak-size {args.peak_size}")
     rows = [measure(args.model, args.batch, args.size, args.pairs, init == "zero", args.breakdown, args.peak_size) for init in args.inits]
     for row in rows:
         print(

@@ -440,3 +440,30 @@ def test_calibration_targets_that_do_not_match_the_images_are_named() -> None:
         to_adjoint(timm.create_model("resnet18", num_classes=3).train(), calibration=(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (3,))))
     with pytest.raises(ValueError, match=r"4 images but targets of shape \(3,\)"):
         policy_of(model).calibrate(model, (torch.randn(4, 3, 32, 32), torch.randint(0, 3, (3,))))
+
+
+@pytest.mark.parametrize(
+    ("calibration", "match"),
+    [
+        ((torch.randn(8, 32, 32), torch.randint(0, 3, (8,))), r"images of shape \(8, 32, 32\): this model takes \(batch, 3, height, width\)"),
+        ((torch.randn(8, 1, 32, 32), torch.randint(0, 3, (8,))), r"images of shape \(8, 1, 32, 32\).*3 input channels"),
+        ((torch.randn(8, 3, 32, 32), torch.full((8,), 7)), r"target 7 is not a class index of this model \(num_classes=3: 0 to 2\)"),
+        ((torch.randn(8, 3, 32, 32), torch.randint(0, 3, (8,)), torch.randint(0, 3, (8,))), r"images or \(images, targets\), got a tuple of 3 items"),
+    ],
+    ids=["no-channel-dim", "one-channel", "target-out-of-range", "three-items"],
+)
+def test_bad_calibration_is_named_before_any_forward(calibration, match: str) -> None:
+    """A review found torch's conv error quoting a half batch the user never passed ('expected input[1, 4, 32, 32]
+    to have 3 channels'), a bare 'Target 7 is out of bounds', and a 3-tuple accepted silently."""
+    import timm
+
+    with pytest.raises(ValueError, match=match):
+        to_adjoint(timm.create_model("resnet18", num_classes=3).train(), calibration=calibration)
+
+
+def test_a_training_batch_of_the_wrong_shape_is_named_by_the_first_calibration() -> None:
+    import timm
+
+    model = to_adjoint(timm.create_model("resnet18", num_classes=3).train())
+    with pytest.raises(ValueError, match=r"images of shape \(4, 32, 32\): this model takes \(batch, 3, height, width\)"):
+        model(torch.randn(4, 32, 32))
