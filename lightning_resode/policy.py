@@ -83,8 +83,8 @@ FREE_PEAK_TOLERANCE = 0.01
 PEAK_TIE = 0.02
 #: early rechecks (in training steps), before the regular ``recheck_every``
 EARLY_RECHECKS = (1, 10, 100)
-#: check mode: batches on which an explicit scheme's stages are tried before those still unmeasurable (too few
-#: values per BatchNorm channel) are reported unverified and no longer re-measured at every step
+#: check mode: how many times a stage that ran exactly at the check (too few values per BatchNorm channel) and later
+#: ran its method re-arms the check (batch sizes that alternate cannot make it measure at every step)
 MAX_CHECK_ATTEMPTS = 3
 
 
@@ -342,7 +342,6 @@ class StagePolicy:
                 self._rearms += 1
                 log.info("stage %s ran %s for the first time: its gradient is checked on the next batch", name, stage.method)
                 self._checked = False
-                self._check_attempts = MAX_CHECK_ATTEMPTS - 1
 
     def pin(self, name: str, method: str, reason: str) -> None:
         """Fix stage ``name`` to ``method`` from now on (auto no longer measures it), recorded as a decision."""
@@ -397,10 +396,12 @@ class StagePolicy:
                     return []
                 new, unmeasured = self._check(model, images, targets)
                 self._check_attempts += 1
-                self._checked = not unmeasured or self._check_attempts >= MAX_CHECK_ATTEMPTS
-                if unmeasured and self._checked:
+                # a stage that ran exactly here is checked after the first batch that runs its method (_on_report),
+                # not retried on batches of the same size, which cannot measure it either
+                self._checked = True
+                if unmeasured:
                     self._unverified = set(unmeasured)
-                    self._warn_unverified(unmeasured, f"{MAX_CHECK_ATTEMPTS} batches of {images.shape[0]} images (too few values per BatchNorm channel)", exact_now=True)
+                    self._warn_unverified(unmeasured, f"a batch of {images.shape[0]} images (too few values per BatchNorm channel)", exact_now=True)
             else:
                 if self.leader and not bool(torch.isfinite(images).all()):
                     raise ValueError(
