@@ -19,7 +19,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    calibration images. A method the engine would
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
    ``block`` (exact) always qualifies. At a recheck whose images are too few to measure the approximation a stage
-   runs (an epoch's last batch of 2), the stage keeps it (the engine runs it exactly on such a batch anyway). With ``backprop_where_free``, then, from the output side down, a stage runs
+   runs (an epoch's last batch of 2), the stage keeps it (the engine runs it exactly on such a batch anyway).
+   With ``backprop_where_free``, then, from the output side down, a stage runs
    plain backprop where that does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
    before the larger stages below start their backward): no recomputation there, for no memory. Last, from the
    output side down, a stage recomputes with autograd's own graph instead of the engine's leaner one
