@@ -459,11 +459,6 @@ def to_adjoint(
         # a features_only wrapper): they all start with this module, on the images (pseudo-labels: no targets)
         policy.attach(root, model.get_submodule(family.first_module(model)))
         if calibration is not None:
-            if isinstance(calibration, (tuple, list)) and len(calibration) > 2:
-                raise ValueError(
-                    f"calibration: expected images or (images, targets), got a {type(calibration).__name__} of "
-                    f"{len(calibration)} items"
-                )
             policy.calibrate(root, calibration)
     elif calibration is not None:
         raise ValueError(f"calibration= is used by scheme='auto' or an approximate scheme with check=True, not by {scheme!r}")

@@ -19,7 +19,8 @@ depends on the weights. So it is measured, on the model's own training batches:
    calibration images. A method the engine would
    run exactly on these images (too few values per BatchNorm channel) is not measurable and skipped.
    ``block`` (exact) always qualifies. At a recheck whose images are too few to measure the approximation a stage
-   runs (an epoch's last batch of 2), the stage keeps it (the engine runs it exactly on such a batch anyway).
+   runs (an epoch's last batch of 2), the stage keeps it: the engine stores a 16-bit input exactly where BatchNorm
+   sees too few values, and a reconstruction was verified on pairs of images when it was chosen.
    With ``backprop_where_free``, then, from the output side down, a stage runs
    plain backprop where that does not raise the step's peak memory per image, measured on the calibration images (its graph is freed
    before the larger stages below start their backward): no recomputation there, for no memory. Last, from the
@@ -100,6 +101,13 @@ def _check_images(model: nn.Module, images: torch.Tensor) -> None:
             f"images of shape {tuple(images.shape)}: this model takes (batch, {first.in_channels}, height, width) "
             f"images (its first convolution has {first.in_channels} input channels)"
         )
+
+
+def _class_count(model: nn.Module) -> int | None:
+    """Outputs of a timm model's classifier (not ``num_classes``, which a hand-replaced head leaves stale)."""
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
+    return head.out_features if isinstance(head, nn.Linear) and head.out_features > 0 else None
 
 
 def _worst(a: float, b: float) -> float:
@@ -226,6 +234,10 @@ class StagePolicy:
     _check_measured: set[str] = field(default_factory=set)
     _unverified: set[str] = field(default_factory=set)
     _rearms: int = 0
+    #: images of the batch whose backward re-armed the check: a smaller batch cannot measure the stage either
+    _rearm_batch: int = 0
+    _last_batch: int = 0
+    _warned_model: bool = False
     #: the last ``_backprop_where_free`` measurement, by what it depended on
     _free_backprop: dict = field(default_factory=dict)
     #: the last ``_plain_graphs_where_free`` measurement, by what it depended on
@@ -316,6 +328,10 @@ class StagePolicy:
         images, _ = split_batch(batch)
         if images.shape[0] == 0:
             return  # an empty batch trains nothing
+        if self.due() and self.mode == "check" and self._unverified and images.shape[0] < self._rearm_batch:
+            self.step += 1  # a re-armed check waits for a batch as large as the one that ran the method
+            return
+        self._last_batch = images.shape[0]
         if self.due():
             _check_images(model, images)
             if images.shape[0] < 2:
@@ -341,6 +357,7 @@ class StagePolicy:
             name = next((n for n, s in self.stages.items() if s is stage), None)
             if name in self._unverified and self._rearms < MAX_CHECK_ATTEMPTS:  # a batch large enough to run it came
                 self._rearms += 1
+                self._rearm_batch = self._last_batch
                 log.info("stage %s ran %s for the first time: its gradient is checked on the next batch", name, stage.method)
                 self._checked = False
 
@@ -373,13 +390,13 @@ class StagePolicy:
                 f"calibration: {images.shape[0]} images but targets of shape {tuple(targets.shape)}; give one target "
                 "(a class index or a row of soft targets) per image"
             )
-        classes = getattr(model, "num_classes", None)
-        if targets is not None and not targets.dtype.is_floating_point and targets.dim() == 1 and isinstance(classes, int) and classes > 0 and targets.numel():
-            low, high = int(targets.min()), int(targets.max())
-            if low < 0 or high >= classes:
+        classes = _class_count(model)
+        if targets is not None and not targets.dtype.is_floating_point and targets.dim() == 1 and classes is not None and targets.numel():
+            high = int(targets.max())  # negative labels are cross-entropy's ignore_index (-100), not checked here
+            if high >= classes:
                 raise ValueError(
-                    f"calibration: target {high if high >= classes else low} is not a class index of this model "
-                    f"(num_classes={classes}: 0 to {classes - 1})"
+                    f"calibration: target {high} is not a class index of this model (its classifier has {classes} "
+                    f"outputs: 0 to {classes - 1})"
                 )
         # a check re-armed because a stage first ran its method on a batch this size measures it on the whole batch:
         # a sample of it may be too small to run the method again
@@ -526,7 +543,8 @@ class StagePolicy:
     def _kept_unmeasurable(self, name: str, images: torch.Tensor, values: int | None) -> PolicyDecision | None:
         """At a recheck whose images are too few to measure the approximation a stage runs (an epoch's last batch of
         2): that method, as measured before, instead of falling back to exact storage until the next recheck. The
-        engine runs it exactly on such a small batch anyway, and larger batches keep what a larger one measured."""
+        engine stores a 16-bit input exactly where BatchNorm sees too few values, a reconstruction was verified on pairs of
+        images when chosen (and its error is watched every step), and larger batches keep what a larger one measured."""
         previous = next((d for d in reversed(self.decisions) if d.stage == name), None)
         if previous is None or previous.method != self.stages[name].method or get_method(previous.method).exact:
             return None
@@ -822,7 +840,8 @@ class StagePolicy:
         measured = [d for d in new if d.stage in stages]
         self._check_measured.update(stages)
         self._unverified -= set(stages)
-        if grads is not None and measured and not min(d.model_grad_cosine for d in measured) >= self.min_cosine:
+        if grads is not None and measured and not min(d.model_grad_cosine for d in measured) >= self.min_cosine and not self._warned_model:
+            self._warned_model = True
             warnings.warn(
                 f"the whole model's gradient cosine against exact backprop is {measured[0].model_grad_cosine:.4f} on "
                 f"this batch with the explicit scheme(s) {sorted({d.method for d in measured})}, below {self.min_cosine}",
@@ -843,6 +862,8 @@ class StagePolicy:
             "pending": sorted(self._pending),
             "checked": self._checked,
             "unverified": sorted(self._unverified),
+            "check_measured": sorted(self._check_measured),
+            "rearms": self._rearms,
             "pinned": dict(self.pinned),
         }
 
@@ -860,8 +881,9 @@ class StagePolicy:
         self._pending = set(state.get("pending", [])) & set(self.stages)
         self._checked = bool(state.get("checked", False))
         self._unverified = set(state.get("unverified", [])) & set(self.stages)
-        if self._checked:  # a check re-armed after resuming measures only the stages no batch could measure
-            self._check_measured = set(self._approximate_stages()) - self._unverified
+        # a check re-armed before saving measures, after resuming, only the stages no batch could measure
+        self._check_measured = set(state.get("check_measured", [])) & set(self.stages)
+        self._rearms = int(state.get("rearms", 0))
         self.pinned = {n: m for n, m in state.get("pinned", {}).items() if n in self.stages}
         for name, method in self.pinned.items():
             self._apply(name, method, lean_graphs=tuple(lean_graphs.get(name, LEAN_PARTS)))

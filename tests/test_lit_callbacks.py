@@ -139,9 +139,12 @@ def test_sampling_callbacks_leave_the_training_trajectory_unchanged(tmp_path: Pa
     sampled, sampled_model = _fit(
         tmp_path / "b", [MemoryMonitor(every_n_steps=1), GradientFidelity(every_n_steps=1), ReconstructionMonitor(every_n_steps=1)]
     )
-    assert plain == sampled
+    # The auto policy picks, by a measured peak, between recomputation graphs that compute the same gradient in a
+    # different order, so two runs may differ by rounding (a CI run saw 2e-7 at the third loss). A measurement that
+    # leaked into training (BatchNorm statistics updated, a gradient left behind) moves them by far more.
+    assert plain == pytest.approx(sampled, rel=1e-5)
     for a, b in zip(plain_model.state_dict().values(), sampled_model.state_dict().values()):
-        assert torch.equal(a, b)
+        assert torch.allclose(a.double(), b.double(), rtol=1e-5, atol=1e-7)
 
 
 def test_fidelity_fallback_switches_a_low_cosine_stage_to_exact(tmp_path: Path) -> None:
