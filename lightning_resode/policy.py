@@ -51,7 +51,7 @@ import torch
 from torch import nn
 
 from .adjoint import MIN_VALUES_PER_CHANNEL, AdjointError, AdjointSequential, BackwardReport, ReconstructionError, measuring, min_values_per_channel, planned
-from .adjoint.methods import METHODS, get_method
+from .adjoint.methods import METHODS, Method, get_method
 from .adjoint.stage import LEAN_PARTS
 from .fidelity import calibration_loss, compare, exact_gradients, exact_reference, gradients, no_fallback, side_effect_free, split_batch, unique_params
 
@@ -108,6 +108,19 @@ def _class_count(model: nn.Module) -> int | None:
     get_classifier = getattr(model, "get_classifier", None)
     head = get_classifier() if callable(get_classifier) else None
     return head.out_features if isinstance(head, nn.Linear) and head.out_features > 0 else None
+
+
+def _unmeasurable(spec: Method, values: int | None, images: torch.Tensor) -> str | None:
+    """Why these calibration images cannot measure method ``spec`` on a stage whose BatchNorm sees ``values`` values per
+    channel, or None. Too few values: the engine would run it exactly here, so what it does on larger batches is not
+    measured. Under 4 images for a reconstruction: it depends on the batch's statistics, so it must also hold on each
+    half of the batch and on pairs of images (a training batch can be that small: an epoch's last)."""
+    needed = min_values_per_channel(spec.gradient, spec.block_dtype)
+    if values is not None and values < needed:
+        return f"not measurable ({values} < {needed} values per channel)"
+    if spec.gradient == "adjoint" and images.shape[0] < 4:
+        return f"not verifiable on {images.shape[0]} images (its halves and pairs need 4)"
+    return None
 
 
 def _worst(a: float, b: float) -> float:
@@ -328,12 +341,12 @@ class StagePolicy:
         images, _ = split_batch(batch)
         if images.shape[0] == 0:
             return  # an empty batch trains nothing
-        if self.due() and self.mode == "check" and self._unverified and images.shape[0] < self._rearm_batch:
+        due = self.due()
+        if due and self.mode == "check" and self._unverified and images.shape[0] < self._rearm_batch:
             self.step += 1  # a re-armed check waits for a batch as large as the one that ran the method
             return
         self._last_batch = images.shape[0]
-        if self.due():
-            _check_images(model, images)
+        if due:
             if images.shape[0] < 2:
                 # BatchNorm needs two images to measure: stay as is (exact before the first calibration)
                 if self.mode == "check":
@@ -548,17 +561,12 @@ class StagePolicy:
         previous = next((d for d in reversed(self.decisions) if d.stage == name), None)
         if previous is None or previous.method != self.stages[name].method or get_method(previous.method).exact:
             return None
-        spec = get_method(previous.method)
-        needed = min_values_per_channel(spec.gradient, spec.block_dtype)
-        if values is not None and values < needed:
-            why = f"{values} values per BatchNorm channel here (< {needed})"
-        elif spec.gradient == "adjoint" and images.shape[0] < 4:
-            why = f"{images.shape[0]} images (its halves and pairs need 4)"
-        else:
+        why = _unmeasurable(get_method(previous.method), values, images)
+        if why is None:
             return None
         marker = f"{previous.method}: kept, "
         measured = previous.reason.split(" | measured: ", 1)[-1] if previous.reason.startswith(marker) else previous.reason
-        reason = f"{marker}the recheck's images give {why}, too few to measure it again | measured: {measured}"
+        reason = f"{marker}{why} at this recheck | measured: {measured}"
         return replace(previous, step=self.step, reason=reason)
 
     def _choose_stage(self, model, name, images, targets, params, exact, chosen, values, subsets, candidates) -> PolicyDecision:  # noqa: ANN001
@@ -585,15 +593,9 @@ class StagePolicy:
             if spec.exact:
                 reason = f"{method}: exact" + (f"; cheaper methods fell short: {', '.join(tried)}" if tried else "")
                 return PolicyDecision(name, method, self.step, 1.0, 1.0, reason)
-            needed = min_values_per_channel(spec.gradient, spec.block_dtype)
-            if values is not None and values < needed:
-                # the engine would run it exactly on these images: what it does on larger batches is not measured here
-                tried.append(f"{method} not measurable ({values} < {needed} values per channel)")
-                continue
-            # a reconstruction depends on the batch's statistics: it must also hold on each half of the batch and
-            # on pairs of images (a training batch can be that small: an epoch's last), as the engine runs it there
-            if spec.gradient == "adjoint" and images.shape[0] < 4:
-                tried.append(f"{method} not verifiable on {images.shape[0]} images (its halves and pairs need 4)")
+            why = _unmeasurable(spec, values, images)
+            if why is not None:
+                tried.append(f"{method} {why}")
                 continue
             probes = [(images, targets, exact)]
             if spec.gradient == "adjoint":

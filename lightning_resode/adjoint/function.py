@@ -449,8 +449,10 @@ def _finish(tape: Tape, x_in: torch.Tensor | None, needs_input_grad: bool, repor
     x_hat, relay.state = relay.state, None
     problem = _non_finite_problem(tape, x_in)
     head = stage.exact_head > 0
-    if head and x_hat is not None and _error_sample(x_hat) is not x_hat:
-        x_hat = _error_sample(x_hat).clone()  # the whole x̂ is not held beside the head's recomputation, graph or not
+    sample = _error_sample(x_hat) if head and x_hat is not None else x_hat
+    if sample is not x_hat:
+        x_hat = sample.clone()  # the whole x̂ is not held beside the head's recomputation, graph or not
+    del sample
     if problem is None and head and plan.gradient == "adjoint" and plan.fallback and x_in is not None:
         # whether the fallback is needed is known before the head's graph is built (one head forward without a
         # graph): the incoming gradient it would restart from, and x̂, are freed first, not held beside that graph
